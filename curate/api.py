@@ -1,0 +1,87 @@
+"""Python entry points: validate and run a pipeline."""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from curate.config.load import Pipeline, load_pipeline
+from curate.dag import Plan, build_plan
+from curate.lineage.manifest import build_manifest, stage_seconds, write_manifest
+from curate.runner import Runner
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """Where a run wrote its outputs, and its manifest."""
+
+    output: str
+    manifest: dict[str, Any]
+
+
+def check(path: str, overrides: list[str] | None = None) -> Plan:
+    """Load and check a pipeline without starting Ray; raise ConfigError with every issue."""
+    return build_plan(load_pipeline(path, overrides))
+
+
+def output_dir(pipeline: Pipeline, output: str | None) -> str:
+    if output is not None:
+        return os.path.abspath(output)
+    if pipeline.spec.output is not None:
+        return os.path.abspath(pipeline.base_dir / pipeline.spec.output)
+    return os.path.abspath(os.path.join("out", pipeline.spec.name))
+
+
+def init_ray(address: str | None, num_cpus: int | None) -> None:
+    """Connect to ``address``, or start an embedded local Ray sized to this machine."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
+                 log_to_driver=True, configure_logging=False)
+
+
+def run(
+    path: str,
+    output: str | None = None,
+    overrides: list[str] | None = None,
+    address: str | None = None,
+    num_cpus: int | None = None,
+) -> RunResult:
+    """Check, then run a pipeline file end to end; write shards, rejects and the manifest."""
+    plan = check(path, overrides)
+    return run_plan(plan, output, address, num_cpus)
+
+
+def run_plan(plan: Plan, output: str | None = None, address: str | None = None,
+             num_cpus: int | None = None) -> RunResult:
+    import ray
+
+    out = output_dir(plan.pipeline, output)
+    init_ray(address, num_cpus)
+    started = datetime.now(UTC)
+    t0 = time.perf_counter()
+    runner = Runner(plan, out)
+    runner.run()
+    resources = ray.cluster_resources()
+    run_info = {
+        "started_at": started.isoformat(timespec="seconds"),
+        "seconds": round(time.perf_counter() - t0, 3),
+        "stage_seconds": stage_seconds(runner.reports),
+        "global_stage_seconds": {k: round(v, 4) for k, v in runner.global_seconds.items()},
+        "output": out,
+        "host": platform.node(),
+        "cluster": {"nodes": len(ray.nodes()), "cpus": resources.get("CPU", 0),
+                    "gpus": resources.get("GPU", 0), "ray": ray.__version__},
+    }
+    manifest = build_manifest(plan, runner.layout, runner.reports, run_info)
+    write_manifest(manifest, runner.layout)
+    return RunResult(out, manifest)

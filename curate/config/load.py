@@ -1,0 +1,213 @@
+"""Read a pipeline file, apply ``--set`` overrides, validate everything at once."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+from pydantic_core import ErrorDetails
+
+from curate.config.model import BoundStage, PipelineSpec, StageSpec
+from curate.config.yamlpos import ConfigError, Issue, Loc, Positions, load_yaml_file
+from curate.registry import RegistryError, get_stage_class, import_plugins, suggest
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """A validated pipeline: the spec, its bound stages and where it came from."""
+
+    spec: PipelineSpec
+    stages: dict[str, BoundStage]
+    file: str
+    base_dir: Path
+    positions: Positions = field(compare=False, repr=False, default_factory=lambda: Positions(""))
+
+    def normalized(self) -> dict[str, Any]:
+        """The spec with every default filled in: what the manifest records."""
+        data = self.spec.model_dump(mode="json")
+        for name, bound in self.stages.items():
+            data["stages"][name] = {
+                "type": bound.type,
+                "input": list(bound.inputs),
+                "resources": bound.resources.model_dump(mode="json"),
+                **bound.config.model_dump(mode="json"),
+            }
+        return data
+
+    def spec_hash(self) -> str:
+        text = json.dumps(self.normalized(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _message(err: ErrorDetails) -> str:
+    kind, msg = err["type"], err["msg"]
+    if kind == "missing":
+        return "required field is missing"
+    if kind == "extra_forbidden":
+        return f"unknown key (got {_describe(err['input'])})"
+    expected = msg.removeprefix("Input should be ").removeprefix("Value error, ")
+    return f"expected {expected}, got {_describe(err['input'])}"
+
+
+def _issues(exc: ValidationError, prefix: Loc, pos: Positions) -> list[Issue]:
+    out = []
+    for err in exc.errors():
+        loc = (*prefix, *err["loc"])
+        message = _message(err)
+        if err["type"] == "extra_forbidden":
+            loc_parent = loc[:-1]
+            message = f"unknown key {loc[-1]!r}"
+            loc = (*loc_parent, loc[-1])
+        out.append(pos.issue(loc, message))
+    return out
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``'a.b.c=5'`` -> (['a', 'b', 'c'], 5); the value is read as a YAML scalar."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError([Issue((), f"expected KEY=VALUE, got {item!r}", "--set")])
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str], pos: Positions) -> None:
+    """Set each ``KEY=VALUE``; the location of an overridden value becomes ``--set``."""
+    for item in overrides:
+        path, value = parse_override(item)
+        node: Any = data
+        for part in path[:-1]:
+            if not isinstance(node, dict):
+                raise ConfigError([Issue(tuple(path), f"cannot set inside {node!r}", "--set")])
+            node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError([Issue(tuple(path), f"cannot set inside {node!r}", "--set")])
+        node[path[-1]] = _absolute_if_local_path(path[-1], value)
+        pos.overridden.add(tuple(path))
+
+
+def _absolute_if_local_path(key: str, value: Any) -> Any:
+    """Paths given on the command line are relative to the current directory,
+    paths in the file to the file's directory: make the former absolute now."""
+    if key in ("uri", "output") and isinstance(value, str) and "://" not in value:
+        return str(Path(value).absolute())
+    return value
+
+
+def _resolve_inputs(specs: dict[str, StageSpec], sources: list[str]) -> dict[str, tuple[str, ...]]:
+    """Default ``input``: the previous stage, or the only source for the first stage."""
+    out: dict[str, tuple[str, ...]] = {}
+    previous: str | None = sources[0] if len(sources) == 1 else None
+    for name, spec in specs.items():
+        if spec.input is None:
+            out[name] = (previous,) if previous else ()
+        else:
+            out[name] = (spec.input,) if isinstance(spec.input, str) else tuple(spec.input)
+        previous = name
+    return out
+
+
+def _bind_stages(
+    spec: PipelineSpec, pos: Positions, issues: list[Issue]
+) -> dict[str, BoundStage]:
+    bound: dict[str, BoundStage] = {}
+    inputs = _resolve_inputs(spec.stages, list(spec.sources))
+    for name, stage in spec.stages.items():
+        loc: Loc = ("stages", name)
+        try:
+            cls = get_stage_class(stage.type)
+        except RegistryError as exc:
+            issues.append(pos.issue((*loc, "type"), str(exc)))
+            continue
+        try:
+            config = cls.Config.model_validate(stage.params())
+        except ValidationError as exc:
+            issues.extend(_issues(exc, loc, pos))
+            continue
+        if not inputs[name]:
+            issues.append(pos.issue(loc, "expected an 'input:' naming a source or stage"))
+            continue
+        resources = stage.resources or cls.default_resources
+        bound[name] = BoundStage(
+            name=name, type=stage.type, inputs=inputs[name], config=config, resources=resources
+        )
+    return bound
+
+
+def _check_names(spec: PipelineSpec, pos: Positions, issues: list[Issue]) -> None:
+    seen: dict[str, str] = {}
+    for section in ("sources", "stages", "sinks"):
+        for name in getattr(spec, section):
+            if name in seen:
+                issues.append(pos.issue((section, name), f"name {name!r} is already a {seen[name]}"))
+            seen.setdefault(name, section[:-1])
+
+
+def validate_data(data: Any, pos: Positions, base_dir: Path) -> Pipeline:
+    """Validate plain data; raise :class:`ConfigError` with every problem found."""
+    if not isinstance(data, dict):
+        raise ConfigError([pos.issue((), f"expected a mapping, got {_describe(data)}")])
+    issues: list[Issue] = []
+    plugins = data.get("plugins") or []
+    try:
+        import_plugins([str(p) for p in plugins] if isinstance(plugins, list) else [])
+    except ImportError as exc:
+        issues.append(pos.issue(("plugins",), f"cannot import plugin module: {exc}"))
+    try:
+        spec = PipelineSpec.model_validate(data)
+    except ValidationError as exc:
+        issues.extend(_issues(exc, (), pos))
+        stages = data.get("stages")
+        if isinstance(stages, dict):
+            _check_stage_params_only(stages, pos, issues)
+        raise ConfigError(issues) from None
+    _check_names(spec, pos, issues)
+    bound = _bind_stages(spec, pos, issues)
+    if issues:
+        raise ConfigError(issues)
+    return Pipeline(spec=spec, stages=bound, file=pos.file, base_dir=base_dir, positions=pos)
+
+
+def _check_stage_params_only(stages: dict[str, Any], pos: Positions, issues: list[Issue]) -> None:
+    """When the top level is invalid, still report the stages' own parameter errors."""
+    for name, raw in stages.items():
+        if not isinstance(raw, dict) or not isinstance(raw.get("type"), str):
+            continue
+        try:
+            cls = get_stage_class(raw["type"])
+        except RegistryError as exc:
+            issues.append(pos.issue(("stages", name, "type"), str(exc)))
+            continue
+        params = {k: v for k, v in raw.items() if k not in StageSpec.model_fields}
+        try:
+            cls.Config.model_validate(params)
+        except ValidationError as exc:
+            issues.extend(_issues(exc, ("stages", name), pos))
+
+
+def load_pipeline(path: str | os.PathLike[str], overrides: list[str] | None = None) -> Pipeline:
+    """Load, override and validate a pipeline file."""
+    file = Path(path)
+    data, pos = load_yaml_file(file)
+    if overrides:
+        if not isinstance(data, dict):
+            raise ConfigError([pos.issue((), "expected a mapping at the top level")])
+        apply_overrides(data, overrides, pos)
+    return validate_data(data, pos, file.resolve().parent)
+
+
+__all__ = ["ConfigError", "Pipeline", "load_pipeline", "suggest", "validate_data"]

@@ -1,0 +1,272 @@
+"""Check the pipeline graph before Ray starts, and cut it into segments.
+
+Checks, all reported together: unknown inputs, cycles, a stage reading a
+column no upstream writes, and missing optional dependencies (with the
+``pip install`` line).
+
+A *segment* is what one Ray Data pass runs: read units (from a source, or
+from a materialized node, applying a global stage's decisions on the way),
+run a chain of map stages, write.  Consecutive map stages with the same
+resources are fused into one actor.  A node's output is materialized to the
+work folder when a global stage consumes it, when two consumers share it, or
+when it feeds a multi-input stage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+
+from curate.config.load import Pipeline
+from curate.config.model import BoundStage
+from curate.config.yamlpos import ConfigError, Issue, Loc
+from curate.io.files import InputError, Shard, list_shards
+from curate.io.readers import ARROW_TYPES
+from curate.registry import get_stage_class
+from curate.stage import POS, RESERVED_COLUMNS, UNIT, Stage, StageContext
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One Ray Data pass: inputs -> [apply global] -> fused map groups -> target."""
+
+    index: int
+    inputs: tuple[str, ...]
+    apply: str | None
+    groups: tuple[tuple[str, ...], ...]
+    #: ``("materialize", node)`` or ``("sink", sink_name)``; several sinks may share.
+    targets: tuple[tuple[str, str], ...]
+
+    @property
+    def stages(self) -> tuple[str, ...]:
+        return tuple(s for g in self.groups for s in g)
+
+    @property
+    def output_node(self) -> str:
+        return self.stages[-1] if self.stages else (self.apply or self.inputs[0])
+
+
+@dataclass
+class Plan:
+    """A checked pipeline, cut into segments in execution order."""
+
+    pipeline: Pipeline
+    stages: dict[str, Stage]
+    shards: dict[str, list[Shard]]
+    columns: dict[str, dict[str, pa.DataType]]
+    segments: list[Segment] = field(default_factory=list)
+    #: Nodes whose output is written to the work folder.
+    materialized: set[str] = field(default_factory=set)
+    #: Materialized nodes already written during a run.
+    materialized_done: set[str] = field(default_factory=set)
+
+
+def instantiate(bound: BoundStage, seed: int) -> Stage:
+    cls = get_stage_class(bound.type)
+    return cls(bound.config, StageContext(name=bound.name, seed=seed))
+
+
+def _consumers(pipeline: Pipeline) -> dict[str, list[str]]:
+    users: dict[str, list[str]] = {n: [] for n in [*pipeline.spec.sources, *pipeline.stages]}
+    for name, bound in pipeline.stages.items():
+        for parent in bound.inputs:
+            users.setdefault(parent, []).append(name)
+    for name, sink in pipeline.spec.sinks.items():
+        users.setdefault(sink.input, []).append(f"sink:{name}")
+    return users
+
+
+def _topo_order(pipeline: Pipeline, issues: list[Issue], line: Callable[[Loc, str], Issue]) -> list[str]:
+    """Stages in dependency order; cycles become issues."""
+    order: list[str] = []
+    state: dict[str, int] = {}
+
+    def visit(name: str, trail: list[str]) -> None:
+        if state.get(name) == 2 or name in pipeline.spec.sources:
+            return
+        if state.get(name) == 1:
+            cycle = " -> ".join([*trail[trail.index(name):], name])
+            issues.append(line(("stages", name, "input"), f"cycle in the graph: {cycle}"))
+            return
+        state[name] = 1
+        for parent in pipeline.stages[name].inputs:
+            if parent in pipeline.stages:
+                visit(parent, [*trail, name])
+        state[name] = 2
+        order.append(name)
+
+    for name in pipeline.stages:
+        visit(name, [])
+    return order
+
+
+def _source_columns(pipeline: Pipeline, name: str, shards: list[Shard]) -> dict[str, pa.DataType]:
+    spec = pipeline.spec.sources[name]
+    columns: dict[str, pa.DataType] = dict(RESERVED_COLUMNS)
+    if spec.columns is not None:
+        columns.update({c: ARROW_TYPES[k] for c, k in spec.columns.items()})
+    elif shards and (spec.format or "") != "jsonl" and shards[0].path.endswith((".parquet", ".pq")):
+        import pyarrow.parquet as pq
+
+        schema = pq.read_schema(shards[0].path)
+        skip = {spec.text_column, spec.id_column, *RESERVED_COLUMNS}
+        columns.update({f.name: f.type for f in schema if f.name not in skip})
+    return columns
+
+
+def _check_inputs(pipeline: Pipeline, issues: list[Issue], line: Callable[[Loc, str], Issue]) -> None:
+    known = set(pipeline.spec.sources) | set(pipeline.stages)
+    for name, bound in pipeline.stages.items():
+        for parent in bound.inputs:
+            if parent not in known:
+                issues.append(line(("stages", name, "input"), _unknown(parent, known)))
+    for name, sink in pipeline.spec.sinks.items():
+        if sink.input not in known:
+            issues.append(line(("sinks", name, "input"), _unknown(sink.input, known)))
+
+
+def _unknown(name: str, known: set[str]) -> str:
+    return f"expected the name of a source or stage ({', '.join(sorted(known))}), got {name!r}"
+
+
+def _check_columns(plan: Plan, order: list[str], issues: list[Issue], line: Callable[[Loc, str], Issue]) -> None:
+    for name in order:
+        bound = plan.pipeline.stages[name]
+        parents = [plan.columns.get(p) for p in bound.inputs]
+        if any(p is None for p in parents):
+            continue
+        available = dict(parents[0] or {})
+        for other in parents[1:]:
+            available = {k: v for k, v in available.items() if k in (other or {})}
+        stage = plan.stages[name]
+        for column in stage.reads():
+            if column not in available:
+                issues.append(
+                    line(
+                        ("stages", name),
+                        f"reads column {column!r}, which no upstream stage writes "
+                        f"(available: {', '.join(sorted(available))})",
+                    )
+                )
+        plan.columns[name] = {**available, **stage.writes()}
+
+
+def _check_dependencies(plan: Plan, issues: list[Issue], line: Callable[[Loc, str], Issue]) -> None:
+    for name, stage in plan.stages.items():
+        for req in type(stage).requires:
+            if req.missing():
+                issues.append(
+                    line(("stages", name, "type"),
+                         f"needs the Python module {req.module!r}: pip install {req.pip}")
+                )
+
+
+def _check_unused(pipeline: Pipeline, issues: list[Issue], line: Callable[[Loc, str], Issue]) -> None:
+    for node, users in _consumers(pipeline).items():
+        if not users:
+            section = "sources" if node in pipeline.spec.sources else "stages"
+            issues.append(line((section, node), "output is never used: no stage or sink reads it"))
+
+
+def build_plan(pipeline: Pipeline) -> Plan:
+    """Check everything and cut the graph into segments; raise ConfigError with all issues."""
+    line = pipeline.positions.issue
+    issues: list[Issue] = []
+    shards: dict[str, list[Shard]] = {}
+    for name, source in pipeline.spec.sources.items():
+        try:
+            shards[name] = list_shards(source.uri, pipeline.base_dir)
+        except InputError as exc:
+            issues.append(line(("sources", name, "uri"), str(exc)))
+    stages = {n: instantiate(b, pipeline.spec.seed) for n, b in pipeline.stages.items()}
+    plan = Plan(pipeline, stages, shards, {})
+    for name in pipeline.spec.sources:
+        plan.columns[name] = _source_columns(pipeline, name, shards.get(name, []))
+    _check_inputs(pipeline, issues, line)
+    if not issues:
+        _check_unused(pipeline, issues, line)
+    order = _topo_order(pipeline, issues, line) if not issues else []
+    _check_columns(plan, order, issues, line)
+    _check_dependencies(plan, issues, line)
+    if issues:
+        raise ConfigError(issues)
+    _cut_segments(plan, order)
+    return plan
+
+
+def _cut_segments(plan: Plan, order: list[str]) -> None:
+    pipeline = plan.pipeline
+    users = _consumers(pipeline)
+
+    def must_materialize(node: str) -> bool:
+        stage_users = [u for u in users[node] if not u.startswith("sink:")]
+        return len(users[node]) > 1 or any(
+            plan.stages[u].kind == "global" or len(pipeline.stages[u].inputs) > 1 for u in stage_users
+        )
+
+    plan.materialized = {n for n in users if users[n] and must_materialize(n)}
+    starts: list[tuple[tuple[str, ...], str | None, str | None]] = [
+        ((s,), None, None) for s in pipeline.spec.sources if users[s]
+    ]
+    for name in order:
+        bound = pipeline.stages[name]
+        if plan.stages[name].kind == "global":
+            starts.append((bound.inputs, name, None))
+        elif len(bound.inputs) > 1 or bound.inputs[0] in plan.materialized:
+            starts.append((bound.inputs, None, name))
+    rank = {n: i for i, n in enumerate([*pipeline.spec.sources, *order])}
+    starts.sort(key=lambda s: rank[s[1] or s[2] or s[0][0]])
+    for inputs, apply, first in starts:
+        plan.segments.extend(_segments_from(plan, users, inputs, apply, first, len(plan.segments)))
+
+
+def _segments_from(
+    plan: Plan,
+    users: dict[str, list[str]],
+    inputs: tuple[str, ...],
+    apply: str | None,
+    first: str | None,
+    index: int,
+) -> list[Segment]:
+    chain: list[str] = [first] if first else []
+    node = first or apply or inputs[0]
+    while node not in plan.materialized:
+        nxt = [u for u in users[node] if not u.startswith("sink:")]
+        if len(nxt) != 1:
+            break
+        node = nxt[0]
+        chain.append(node)
+    tail = node
+    targets = [("sink", s) for s in _sinks_of(users, tail)]
+    if tail in plan.materialized:
+        targets = [("materialize", tail)]
+        sink_segment = bool(_sinks_of(users, tail))
+    else:
+        sink_segment = False
+    segment = Segment(index, inputs, apply, _fuse(plan, chain), tuple(targets))
+    out = [segment]
+    if sink_segment:
+        out.append(
+            Segment(index + 1, (tail,), None, (), tuple(("sink", s) for s in _sinks_of(users, tail)))
+        )
+    return out
+
+
+def _sinks_of(users: dict[str, list[str]], node: str) -> list[str]:
+    return [u.removeprefix("sink:") for u in users.get(node, []) if u.startswith("sink:")]
+
+
+def _fuse(plan: Plan, chain: list[str]) -> tuple[tuple[str, ...], ...]:
+    groups: list[list[str]] = []
+    for name in chain:
+        key = plan.pipeline.stages[name].resources.fusion_key()
+        if groups and plan.pipeline.stages[groups[-1][-1]].resources.fusion_key() == key:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+    return tuple(tuple(g) for g in groups)
+
+
+__all__ = ["POS", "UNIT", "ConfigError", "Plan", "Segment", "build_plan"]

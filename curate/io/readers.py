@@ -1,0 +1,331 @@
+"""Read one unit of a source into Arrow: records plus quarantined rows.
+
+Why not ``ray.data.read_json``: pyarrow's JSON reader fails a whole file on
+one bad line and reports no line numbers, and neither reader gives the row
+index we need for provenance.  We read each shard ourselves inside a Ray Data
+datasource read task (see ``curate.runner``), so a bad line becomes a
+quarantined row naming its file and line, and everything else still flows.
+
+Output columns of a unit: ``id``, ``text``, ``source``, ``provenance`` (struct
+of shard ``uri`` and ``row``: the 0-based line of a JSONL file, the row of a
+Parquet file), the declared extra columns, and the internal ``_unit``/``_pos``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import xxhash
+import zstandard
+
+from curate.config.model import ColumnType, SourceSpec
+from curate.io.files import InputError, Shard, Unit, infer_format, read_bytes
+from curate.stage import POS, RESERVED_COLUMNS, UNIT
+
+ARROW_TYPES: dict[str, pa.DataType] = {
+    "string": pa.string(),
+    "int64": pa.int64(),
+    "float64": pa.float64(),
+    "bool": pa.bool_(),
+    "json": pa.string(),
+}
+PROVENANCE = RESERVED_COLUMNS["provenance"]
+REJECT_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("stage", pa.string()),
+        ("reason", pa.string()),
+        ("value", pa.string()),
+        ("provenance", PROVENANCE),
+    ]
+)
+
+
+def record_id(source: str, uri: str, row: int, payload: str | bytes) -> str:
+    """Stable id: 128-bit xxh3 of the source, the shard URI, the row and the content.
+
+    Position is part of the key so that two exact copies keep distinct ids and
+    a dedup reject can name which copy was kept.
+    """
+    h = xxhash.xxh3_128()
+    h.update(f"{source}\x00{uri}\x00{row}\x00".encode())
+    h.update(payload.encode() if isinstance(payload, str) else payload)
+    return h.hexdigest()
+
+
+@dataclass
+class ShardResult:
+    """What reading one shard produced."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    rows_pos: list[int] = field(default_factory=list)
+    rejects: list[dict[str, Any]] = field(default_factory=list)
+    lines: int = 0
+
+
+@dataclass(frozen=True)
+class InputInfo:
+    """One input file as the manifest records it."""
+
+    source: str
+    uri: str
+    bytes: int
+    sha256: str
+    records: int
+
+
+def _decompress(shard: Shard, data: bytes) -> bytes:
+    lower = shard.path.lower()
+    try:
+        if lower.endswith(".gz"):
+            return gzip.decompress(data)
+        if lower.endswith(".zst"):
+            return zstandard.ZstdDecompressor().decompressobj().decompress(data)
+    except (OSError, EOFError, zlib.error, zstandard.ZstdError) as exc:
+        raise InputError(f"{shard.uri}: cannot decompress: {exc}") from exc
+    return data
+
+
+def _cast(value: Any, kind: ColumnType) -> Any:
+    if value is None:
+        return None
+    if kind == "json":
+        return json.dumps(value, sort_keys=True, ensure_ascii=False)
+    if kind == "string":
+        if isinstance(value, str):
+            return value
+        raise TypeError(f"expected a string, got {type(value).__name__}")
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        raise TypeError(f"expected true/false, got {value!r}")
+    if isinstance(value, bool):
+        raise TypeError(f"expected a number, got {value!r}")
+    if kind == "int64":
+        if isinstance(value, int):
+            return value
+        raise TypeError(f"expected an integer, got {value!r}")
+    if isinstance(value, int | float):
+        return float(value)
+    raise TypeError(f"expected a number, got {value!r}")
+
+
+class JsonlParser:
+    """Parses JSON lines strictly; every line is a record or a quarantined row."""
+
+    def __init__(self, name: str, spec: SourceSpec) -> None:
+        self.name = name
+        self.spec = spec
+        self.columns = spec.columns or {}
+
+    def parse(self, shard: Shard, data: bytes) -> ShardResult:
+        out = ShardResult()
+        lines = data.split(b"\n")
+        if lines and lines[-1] == b"":
+            lines.pop()
+        out.lines = len(lines)
+        for row, raw in enumerate(lines):
+            record, error = self._record(raw.rstrip(b"\r"), shard.uri, row)
+            if error is not None:
+                reason, detail = error
+                out.rejects.append(self._reject(shard.uri, row, raw, reason, detail))
+            else:
+                out.rows.append(record)
+                out.rows_pos.append(row)
+        return out
+
+    def _reject(self, uri: str, row: int, raw: bytes, reason: str, detail: str) -> dict[str, Any]:
+        shown = raw[:200].decode("utf-8", errors="backslashreplace")
+        return {
+            "id": record_id(self.name, uri, row, raw),
+            "stage": self.name,
+            "reason": f"{reason}:{uri} line {row + 1}: {detail}",
+            "value": shown,
+            "provenance": {"uri": uri, "row": row},
+        }
+
+    def _record(
+        self, raw: bytes, uri: str, row: int
+    ) -> tuple[dict[str, Any], tuple[str, str] | None]:
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return {}, ("bad_utf8", f"invalid UTF-8 at byte {exc.start}")
+        if not line.strip():
+            return {}, ("blank_line", "empty line")
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            return {}, ("invalid_json", f"{exc.msg} (column {exc.colno})")
+        if not isinstance(obj, dict):
+            return {}, ("not_an_object", f"expected a JSON object, got {type(obj).__name__}")
+        return self._fields(obj, uri, row)
+
+    def _fields(
+        self, obj: dict[str, Any], uri: str, row: int
+    ) -> tuple[dict[str, Any], tuple[str, str] | None]:
+        text = obj.get(self.spec.text_column)
+        if text is None:
+            return {}, ("missing_text", f"no {self.spec.text_column!r} field")
+        if not isinstance(text, str):
+            return {}, ("bad_text", f"{self.spec.text_column!r} is {type(text).__name__}")
+        record: dict[str, Any] = {"text": text}
+        if self.spec.id_column is not None:
+            rid = obj.get(self.spec.id_column)
+            if rid is None or isinstance(rid, dict | list):
+                return {}, ("missing_id", f"no scalar {self.spec.id_column!r} field")
+            record["id"] = str(rid)
+        else:
+            record["id"] = record_id(self.name, uri, row, text)
+        for column, kind in self.columns.items():
+            try:
+                record[column] = _cast(obj.get(column), kind)
+            except TypeError as exc:
+                return {}, ("bad_column", f"{column!r}: {exc}")
+        return record, None
+
+
+class ParquetParser:
+    """Reads a Parquet shard; null or missing text becomes a quarantined row."""
+
+    def __init__(self, name: str, spec: SourceSpec) -> None:
+        self.name = name
+        self.spec = spec
+
+    def read(self, shard: Shard, data: bytes) -> tuple[pa.Table, pa.Table]:
+        try:
+            table = pq.read_table(pa.BufferReader(data))
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise InputError(f"{shard.uri}: not a readable Parquet file: {exc}") from exc
+        n = table.num_rows
+        rows = pa.array(np.arange(n, dtype=np.int64))
+        prov = pa.StructArray.from_arrays([pa.array([shard.uri] * n, pa.string()), rows],
+                                          fields=list(PROVENANCE))
+        reason = self._reasons(table, shard.uri)
+        bad = pc.is_valid(reason)
+        rejects = self._rejects(table, shard.uri, reason, prov, bad)
+        good = pc.invert(bad)
+        kept = self._columns(table.filter(good), shard.uri, rows.filter(good))
+        return kept.append_column("provenance", prov.filter(good)), rejects
+
+    def _reasons(self, table: pa.Table, uri: str) -> pa.Array:
+        n = table.num_rows
+        needed = [self.spec.text_column, *([self.spec.id_column] if self.spec.id_column else [])]
+        needed += list(self.spec.columns or {})
+        for column in needed:
+            if column not in table.column_names:
+                return pa.array([f"missing_column:{uri}: no column {column!r}"] * n, pa.string())
+        text = table.column(self.spec.text_column)
+        if not pa.types.is_string(text.type) and not pa.types.is_large_string(text.type):
+            return pa.array([f"bad_text:{uri}: column is {text.type}"] * n, pa.string())
+        rows = np.arange(n)
+        detail = pc.binary_join_element_wise(
+            f"missing_text:{uri} row ", pa.array(rows.astype(str)), ": null text", ""
+        )
+        return pc.if_else(pc.is_null(text), detail, pa.nulls(n, pa.string()))
+
+    def _rejects(
+        self, table: pa.Table, uri: str, reason: pa.Array, prov: pa.Array, bad: pa.Array
+    ) -> pa.Table:
+        idx = np.flatnonzero(bad.to_numpy(zero_copy_only=False))
+        ids = [record_id(self.name, uri, int(i), b"") for i in idx]
+        return pa.table(
+            {
+                "id": pa.array(ids, pa.string()),
+                "stage": pa.array([self.name] * len(idx), pa.string()),
+                "reason": reason.filter(bad),
+                "value": pa.nulls(len(idx), pa.string()),
+                "provenance": prov.filter(bad),
+            },
+            schema=REJECT_SCHEMA,
+        )
+
+    def _columns(self, table: pa.Table, uri: str, rows: pa.Array) -> pa.Table:
+        text = pc.cast(table.column(self.spec.text_column), pa.string())
+        if self.spec.id_column:
+            ids = pc.cast(table.column(self.spec.id_column), pa.string())
+        else:
+            texts = text.to_pylist()
+            ids = pa.array(
+                [record_id(self.name, uri, int(r), t) for r, t in zip(rows.to_pylist(), texts, strict=True)],
+                pa.string(),
+            )
+        out = {"id": ids, "text": text}
+        keep = self.spec.columns or {c: None for c in table.column_names}
+        for column, kind in keep.items():
+            if column in out or column in RESERVED_COLUMNS or column in (
+                self.spec.text_column, self.spec.id_column):
+                continue
+            array = table.column(column)
+            out[column] = pc.cast(array, ARROW_TYPES[kind]) if kind else array
+        return pa.table(out)
+
+
+def read_unit(unit: Unit, spec: SourceSpec) -> tuple[pa.Table, pa.Table, list[InputInfo]]:
+    """Records, quarantined rows and input facts for one unit."""
+    tables: list[pa.Table] = []
+    rejects: list[pa.Table] = []
+    inputs: list[InputInfo] = []
+    for shard in unit.shards:
+        data = read_bytes(shard)
+        digest = hashlib.sha256(data).hexdigest()
+        table, bad = _read_shard(unit, spec, shard, data)
+        tables.append(table)
+        rejects.append(bad)
+        inputs.append(InputInfo(unit.source, shard.uri, len(data), digest, table.num_rows + bad.num_rows))
+    merged = pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({})
+    merged = merged.append_column(UNIT, pa.array(np.full(merged.num_rows, unit.index, np.int64)))
+    merged = merged.append_column(POS, pa.array(np.arange(merged.num_rows, dtype=np.int64)))
+    return merged, pa.concat_tables(rejects), inputs
+
+
+def _read_shard(unit: Unit, spec: SourceSpec, shard: Shard, data: bytes) -> tuple[pa.Table, pa.Table]:
+    fmt = spec.format or infer_format(shard.path)
+    if fmt == "parquet":
+        table, bad = ParquetParser(unit.source, spec).read(shard, data)
+    elif fmt == "jsonl":
+        table, bad = _jsonl_tables(unit.source, spec, shard, _decompress(shard, data))
+    else:
+        raise InputError(f"{shard.uri}: unknown format; set 'format: jsonl' or 'format: parquet'")
+    table = _ordered(table, spec)
+    return table.append_column("source", pa.array([unit.source] * table.num_rows, pa.string())), bad
+
+
+def _ordered(table: pa.Table, spec: SourceSpec) -> pa.Table:
+    """Reserved columns first, in a fixed order, then the declared extras."""
+    names = ["id", "text", "provenance"]
+    extras = [c for c in table.column_names if c not in names]
+    table = table.select(names + extras)
+    if spec.columns:
+        for column, kind in spec.columns.items():
+            i = table.schema.get_field_index(column)
+            table = table.set_column(i, column, pc.cast(table.column(column), ARROW_TYPES[kind]))
+    return table
+
+
+def _jsonl_tables(name: str, spec: SourceSpec, shard: Shard, data: bytes) -> tuple[pa.Table, pa.Table]:
+    parsed = JsonlParser(name, spec).parse(shard, data)
+    extras = {c: ARROW_TYPES[k] for c, k in (spec.columns or {}).items()}
+    schema = pa.schema([("id", pa.string()), ("text", pa.string()), *extras.items()])
+    table = pa.Table.from_pylist(parsed.rows, schema=schema)
+    prov = pa.StructArray.from_arrays(
+        [pa.array([shard.uri] * len(parsed.rows_pos), pa.string()), pa.array(parsed.rows_pos, pa.int64())],
+        fields=list(PROVENANCE),
+    )
+    table = table.append_column("provenance", prov)
+    return table, pa.Table.from_pylist(parsed.rejects, schema=REJECT_SCHEMA)
+
+
+def iter_unit_files(units: list[Unit]) -> Iterator[Shard]:
+    for unit in units:
+        yield from unit.shards

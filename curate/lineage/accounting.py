@@ -1,0 +1,106 @@
+"""Per-unit accounting: stage counts, input and output facts, rejects files.
+
+Every step that touches a unit appends a report to the block's Arrow schema
+metadata (key ``curate.reports``); the segment's writer returns them to the
+driver as one small row per unit.  Counts are exact and checked at the
+source: a stage whose ``rows_in != kept + dropped`` raises at once.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from curate.io.files import write_parquet_atomic
+from curate.io.readers import REJECT_SCHEMA
+from curate.stage import reason_category
+
+REPORTS_KEY = b"curate.reports"
+
+
+class AccountingError(AssertionError):
+    """Rows were lost or invented: a bug in a stage or in the runner."""
+
+
+@dataclass
+class StageReport:
+    """What one stage did to one unit."""
+
+    stage: str
+    unit: int
+    rows_in: int
+    kept: int
+    dropped: int
+    reasons: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    kind: str = "stage"
+
+    def check(self) -> StageReport:
+        if self.rows_in != self.kept + self.dropped or sum(self.reasons.values()) != self.dropped:
+            raise AccountingError(f"stage {self.stage!r} unit {self.unit}: counts do not balance: {self}")
+        return self
+
+
+def reports_of(table: pa.Table) -> list[dict[str, Any]]:
+    raw = (table.schema.metadata or {}).get(REPORTS_KEY)
+    return list(json.loads(raw)) if raw else []
+
+
+def with_reports(table: pa.Table, reports: list[dict[str, Any]]) -> pa.Table:
+    """Return ``table`` carrying ``reports`` after the ones it already has."""
+    meta = dict(table.schema.metadata or {})
+    meta[REPORTS_KEY] = json.dumps(reports_of(table) + reports).encode()
+    return table.replace_schema_metadata(meta)
+
+
+def stage_report(
+    stage: str,
+    unit: int,
+    rows_in: int,
+    rejects: pa.Table,
+    seconds: float,
+    rejects_file: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """Check and describe what ``stage`` did to ``unit``."""
+    reasons = Counter(reason_category(r) for r in rejects.column("reason").to_pylist())
+    report = StageReport(stage, unit, rows_in, rows_in - rejects.num_rows, rejects.num_rows,
+                         dict(sorted(reasons.items())), seconds)
+    return {**asdict(report.check()), "rejects_file": rejects_file}
+
+
+def build_rejects(stage: str, dropped: pa.Table, reason: pa.Array, value: pa.Array | None) -> pa.Table:
+    """Rejects rows (``id, stage, reason, value, provenance``) for the dropped rows."""
+    n = dropped.num_rows
+    if reason.null_count:
+        raise AccountingError(f"stage {stage!r} dropped {reason.null_count} rows without a reason")
+    values = value if value is not None else pa.nulls(n, pa.string())
+    return pa.table(
+        {
+            "id": dropped.column("id"),
+            "stage": pa.array([stage] * n, pa.string()),
+            "reason": pc.cast(reason, pa.string()),
+            "value": pc.cast(values, pa.string()),
+            "provenance": dropped.column("provenance"),
+        },
+        schema=REJECT_SCHEMA,
+    )
+
+
+def write_rejects(path: str, rejects: pa.Table) -> dict[str, Any] | None:
+    """Write a unit's rejects of one stage (nothing when there are none); return its facts."""
+    if not rejects.num_rows:
+        return None
+    written = write_parquet_atomic(rejects, path)
+    return {"path": written.path, "rows": written.rows, "bytes": written.bytes,
+            "sha256": written.sha256}
+
+
+def split_by_mask(table: pa.Table, keep: np.ndarray[Any, np.dtype[np.bool_]]) -> tuple[pa.Table, pa.Table]:
+    mask = pa.array(keep, pa.bool_())
+    return table.filter(mask), table.filter(pc.invert(mask))

@@ -1,0 +1,135 @@
+"""The run manifest: spec, software, inputs, per-stage counts, outputs.
+
+Everything outside the ``run`` key is deterministic: the same inputs, spec and
+seed give the same bytes.  ``run`` holds what legitimately varies (timings,
+cluster size, clock, output location).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+from collections import defaultdict
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from curate.dag import Plan
+from curate.io.files import atomic_write_bytes
+from curate.io.layout import Layout
+from curate.lineage.accounting import AccountingError
+
+TRACKED_PACKAGES = (
+    "curate", "ray", "pyarrow", "numpy", "pydantic", "torch", "torchvision",
+    "open_clip_torch", "fasttext-numpy2-wheel", "kenlm", "transformers",
+)
+
+
+def package_versions() -> dict[str, str]:
+    out = {}
+    for name in TRACKED_PACKAGES:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def git_commit() -> str:
+    """Commit of the curate source tree, with ``-dirty`` for local changes."""
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
+                              text=True, check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, check=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head + ("-dirty" if dirty.strip() else "")
+
+
+def stage_table(plan: Plan, reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per-stage totals in pipeline order: sources first, then stages."""
+    totals: dict[str, dict[str, Any]] = {}
+    for r in reports:
+        if r["kind"] not in ("stage", "source"):
+            continue
+        t = totals.setdefault(r["stage"], {"rows_in": 0, "kept": 0, "dropped": 0,
+                                           "reasons": defaultdict(int)})
+        for key in ("rows_in", "kept", "dropped"):
+            t[key] += r[key]
+        for reason, n in r["reasons"].items():
+            t["reasons"][reason] += n
+    rows = []
+    spec = plan.pipeline
+    for name in [*spec.spec.sources, *spec.stages]:
+        t = totals.get(name, {"rows_in": 0, "kept": 0, "dropped": 0, "reasons": {}})
+        kind = "source" if name in spec.spec.sources else plan.stages[name].kind
+        stype = "source" if name in spec.spec.sources else spec.stages[name].type
+        row = {"name": name, "kind": kind, "type": stype, "rows_in": t["rows_in"],
+               "kept": t["kept"], "dropped": t["dropped"], "reasons": dict(sorted(t["reasons"].items()))}
+        if row["rows_in"] != row["kept"] + row["dropped"]:
+            raise AccountingError(f"stage {name!r}: counts do not balance: {row}")
+        rows.append(row)
+    return rows
+
+
+def _check_flow(plan: Plan, stages: list[dict[str, Any]], outputs: dict[str, list[dict[str, Any]]]) -> None:
+    """Each stage gets exactly what its inputs kept; each sink holds what its input kept."""
+    kept = {s["name"]: s["kept"] for s in stages}
+    for name, bound in plan.pipeline.stages.items():
+        expected = sum(kept[p] for p in bound.inputs)
+        got = next(s["rows_in"] for s in stages if s["name"] == name)
+        if got != expected:
+            raise AccountingError(f"stage {name!r} received {got} rows, its inputs kept {expected}")
+    for sink, spec in plan.pipeline.spec.sinks.items():
+        rows = sum(f["rows"] for f in outputs.get(sink, []))
+        if rows != kept[spec.input]:
+            raise AccountingError(f"sink {sink!r} wrote {rows} rows, {spec.input!r} kept {kept[spec.input]}")
+
+
+def build_manifest(plan: Plan, layout: Layout, reports: list[dict[str, Any]],
+                   run_info: dict[str, Any]) -> dict[str, Any]:
+    inputs = sorted(
+        ({k: r[k] for k in ("source", "uri", "bytes", "sha256", "records")}
+         for r in reports if r["kind"] == "input"),
+        key=lambda r: (r["source"], r["uri"]),
+    )
+    outputs: dict[str, list[dict[str, Any]]] = {s: [] for s in plan.pipeline.spec.sinks}
+    for r in sorted((r for r in reports if r["kind"] == "output"), key=lambda r: r["path"]):
+        outputs[r["sink"]].append({k: r[k] for k in ("path", "rows", "bytes", "sha256")})
+    rejects = sorted(
+        ({**r["rejects_file"], "path": layout.relative(r["rejects_file"]["path"])}
+         for r in reports if r.get("rejects_file")),
+        key=lambda f: f["path"],
+    )
+    stages = stage_table(plan, reports)
+    _check_flow(plan, stages, outputs)
+    return {
+        "format": "curate-manifest/1",
+        "pipeline": {"name": plan.pipeline.spec.name, "spec": plan.pipeline.normalized(),
+                     "spec_hash": plan.pipeline.spec_hash()},
+        "seed": plan.pipeline.spec.seed,
+        "software": {"git_commit": git_commit(), "python": platform.python_version(),
+                     "packages": package_versions()},
+        "inputs": inputs,
+        "stages": stages,
+        "outputs": outputs,
+        "rejects": {"rows": sum(f["rows"] for f in rejects), "files": rejects},
+        "run": run_info,
+    }
+
+
+def stage_seconds(reports: list[dict[str, Any]]) -> dict[str, float]:
+    """Busy seconds per stage, summed over units (the workers' time, not wall time)."""
+    out: dict[str, float] = defaultdict(float)
+    for r in reports:
+        if r["kind"] in ("stage", "source"):
+            out[r["stage"]] += r["seconds"]
+    return {k: round(v, 4) for k, v in sorted(out.items())}
+
+
+def write_manifest(manifest: dict[str, Any], layout: Layout) -> None:
+    text = json.dumps(manifest, indent=2, sort_keys=False) + "\n"
+    atomic_write_bytes(layout.manifest(), text.encode())

@@ -1,0 +1,97 @@
+"""YAML ``type:`` names -> stage classes.
+
+Built-in stages are listed in ``curate.stages.BUILTIN_STAGES`` as lazy
+``module:Class`` references, so listing names imports nothing heavy.
+Third-party packages register through the ``curate.stages`` entry-point group;
+a pipeline may also name plugin modules, which register with
+:func:`register_stage` when imported.  A name registered twice for two
+different classes is an error, never a silent override.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from collections.abc import Callable
+from importlib.metadata import entry_points
+
+from curate.stage import Stage
+
+ENTRY_POINT_GROUP = "curate.stages"
+
+_refs: dict[str, str] = {}
+_classes: dict[str, type[Stage]] = {}
+_loaded_builtins = False
+
+
+class RegistryError(LookupError):
+    """An unknown stage type, a collision, or a stage that fails to import."""
+
+
+def _add_ref(name: str, ref: str) -> None:
+    known = _refs.get(name)
+    if known is not None and known != ref:
+        raise RegistryError(f"stage type {name!r} is registered twice: {known} and {ref}")
+    _refs[name] = ref
+
+
+def _ensure_loaded() -> None:
+    global _loaded_builtins
+    if _loaded_builtins:
+        return
+    builtins: dict[str, str] = importlib.import_module("curate.stages").BUILTIN_STAGES
+    for name, ref in builtins.items():
+        _add_ref(name, ref)
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        _add_ref(ep.name, ep.value)
+    _loaded_builtins = True
+
+
+def register_stage(name: str) -> Callable[[type[Stage]], type[Stage]]:
+    """Class decorator for plugin stages: ``@register_stage("my_filter")``."""
+
+    def deco(cls: type[Stage]) -> type[Stage]:
+        _ensure_loaded()
+        _add_ref(name, f"{cls.__module__}:{cls.__qualname__}")
+        _classes[name] = cls
+        return cls
+
+    return deco
+
+
+def known_types() -> list[str]:
+    _ensure_loaded()
+    return sorted(_refs)
+
+
+def suggest(name: str) -> str:
+    """'did you mean' text for an unknown type name."""
+    close = difflib.get_close_matches(name, known_types(), n=3, cutoff=0.5)
+    if close:
+        return "did you mean " + " or ".join(repr(c) for c in close) + "?"
+    return "known types: " + ", ".join(known_types())
+
+
+def get_stage_class(name: str) -> type[Stage]:
+    """Resolve a YAML ``type:`` name to its class, importing it on first use."""
+    _ensure_loaded()
+    if name in _classes:
+        return _classes[name]
+    ref = _refs.get(name)
+    if ref is None:
+        raise RegistryError(f"unknown stage type {name!r}; {suggest(name)}")
+    module_name, _, attr = ref.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise RegistryError(f"stage type {name!r} ({ref}) cannot be loaded: {exc}") from exc
+    if not (isinstance(cls, type) and issubclass(cls, Stage)):
+        raise RegistryError(f"stage type {name!r} ({ref}) is not a curate Stage subclass")
+    _classes[name] = cls
+    return cls
+
+
+def import_plugins(modules: list[str]) -> None:
+    """Import the plugin modules a pipeline names; their decorators register stages."""
+    for module in modules:
+        importlib.import_module(module)

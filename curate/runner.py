@@ -1,0 +1,348 @@
+"""Run a checked plan on Ray Data.
+
+Each segment is one Ray Data pass.  A custom datasource yields exactly one
+block per unit of work (``override_num_blocks`` = number of units, block
+splitting disabled), every fused group of map stages is a ``map_batches``
+over an actor pool with ``batch_size=None`` (one call per unit, so the unit
+stays whole), and the last step writes the unit's output and returns its
+reports.  Ray Data streams blocks between operators with backpressure.
+
+A global stage runs between segments: its ``plan`` turns the key columns of
+its materialized input into decisions (Ray Data map / groupby / reduce), which
+are written per unit; the next segment applies them while reading the unit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray
+import ray.data
+from ray.data.block import BlockMetadata
+from ray.data.datasource import Datasource, ReadTask
+
+from curate.config.model import BoundStage, ExecutionSpec, SinkSpec, SourceSpec
+from curate.dag import Plan, Segment, instantiate
+from curate.io.files import Unit, plan_units, write_parquet_atomic
+from curate.io.layout import Layout
+from curate.io.readers import read_unit
+from curate.io.sink import write_sink
+from curate.lineage.accounting import (
+    AccountingError,
+    build_rejects,
+    reports_of,
+    split_by_mask,
+    stage_report,
+    with_reports,
+    write_rejects,
+)
+from curate.stage import DECISION_SCHEMA, POS, UNIT, Annotator, Filter, Stage
+
+
+@dataclass(frozen=True)
+class UnitRead:
+    """How to produce one unit's block: from a source, or from a materialized node."""
+
+    unit: Unit
+    source_spec: SourceSpec | None = None
+    node: str | None = None
+    apply: str | None = None
+    columns: tuple[str, ...] | None = None
+
+
+def load_unit(task: UnitRead, layout: Layout) -> pa.Table:
+    """Read one unit, quarantining bad rows and applying a global stage's decisions."""
+    start = time.perf_counter()
+    if task.source_spec is not None:
+        table, rejects, inputs = read_unit(task.unit, task.source_spec)
+        written = write_rejects(layout.rejects(task.unit.source, task.unit.index), rejects)
+        reports = [{"kind": "input", **vars(i)} for i in inputs]
+        rows_in = table.num_rows + rejects.num_rows
+        reports.append({**stage_report(task.unit.source, task.unit.index, rows_in, rejects,
+                                       time.perf_counter() - start, written), "kind": "source"})
+        return with_reports(table, reports)
+    assert task.node is not None
+    columns = list(task.columns) if task.columns else None
+    table = pq.read_table(layout.work(task.node, task.unit.index), columns=columns)
+    table = table.replace_schema_metadata(None)
+    if task.apply is None:
+        return table
+    return _apply_decisions(table, task.apply, task.unit.index, layout, start)
+
+
+def _apply_decisions(table: pa.Table, stage: str, unit: int, layout: Layout, start: float) -> pa.Table:
+    path = layout.decisions(stage, unit)
+    decisions = pq.read_table(path) if os.path.exists(path) else DECISION_SCHEMA.empty_table()
+    dropped_pos = decisions.column(POS).to_numpy()
+    keep = ~np.isin(table.column(POS).to_numpy(), dropped_pos)
+    if int((~keep).sum()) != decisions.num_rows:
+        raise AccountingError(f"{stage}: decisions for unit {unit} name rows that do not exist")
+    kept, dropped = split_by_mask(table, keep)
+    order = pc.index_in(dropped.column(POS), decisions.column(POS))
+    rejects = build_rejects(stage, dropped, pc.take(decisions.column("reason"), order),
+                            pc.take(decisions.column("value"), order))
+    written = write_rejects(layout.rejects(stage, unit), rejects)
+    report = stage_report(stage, unit, table.num_rows, rejects, time.perf_counter() - start, written)
+    return with_reports(kept, [report])
+
+
+class UnitDatasource(Datasource):  # type: ignore[misc]
+    """One read task and one block per unit, in unit order."""
+
+    def __init__(self, reads: Sequence[UnitRead], layout: Layout) -> None:
+        self.reads = list(reads)
+        self.layout = layout
+
+    def estimate_inmemory_data_size(self) -> int | None:
+        return None
+
+    def get_read_tasks(self, parallelism: int, **_: Any) -> list[ReadTask]:
+        tasks = []
+        for read in self.reads:
+            meta = BlockMetadata(num_rows=None, size_bytes=None, input_files=None, exec_stats=None)
+            tasks.append(ReadTask(_reader(read, self.layout), meta))
+        return tasks
+
+
+def _reader(read: UnitRead, layout: Layout) -> Any:
+    def fn() -> Iterable[pa.Table]:
+        yield load_unit(read, layout)
+
+    return fn
+
+
+def _single_unit(block: pa.Table) -> int:
+    units = pc.unique(block.column(UNIT)).to_pylist() if block.num_rows else []
+    meta = reports_of(block)
+    if len(units) > 1:
+        raise AccountingError(f"a block holds rows of several units {units}: unit integrity lost")
+    if units:
+        return int(units[0])
+    for report in meta:
+        if "unit" in report:
+            return int(report["unit"])
+    raise AccountingError("an empty block carries no unit report")
+
+
+def run_stage(name: str, stage: Stage, batch_size: int | None, unit: int, layout: Layout,
+              block: pa.Table) -> tuple[pa.Table, dict[str, Any]]:
+    """Run one map stage on a unit's rows; write its rejects; return kept rows and report."""
+    start = time.perf_counter()
+    rows_in = block.num_rows
+    slices = [block] if not batch_size else [
+        block.slice(i, batch_size) for i in range(0, max(rows_in, 1), batch_size)
+    ]
+    kept_parts, reject_parts = [], []
+    for part in slices:
+        kept, rejects = _run_one(name, stage, part)
+        kept_parts.append(kept)
+        reject_parts.append(rejects)
+    kept = pa.concat_tables(kept_parts) if kept_parts else block
+    rejects = pa.concat_tables(reject_parts)
+    written = write_rejects(layout.rejects(name, unit), rejects)
+    return kept, stage_report(name, unit, rows_in, rejects, time.perf_counter() - start, written)
+
+
+def _run_one(name: str, stage: Stage, part: pa.Table) -> tuple[pa.Table, pa.Table]:
+    if isinstance(stage, Annotator):
+        out = stage.process_batch(part)
+        if out.num_rows != part.num_rows:
+            raise AccountingError(f"annotator {name!r} changed the row count {part.num_rows} -> {out.num_rows}")
+        return out, build_rejects(name, part.slice(0, 0), pa.array([], pa.string()), None)
+    if isinstance(stage, Filter):
+        verdict = stage.decide(part)
+        if len(verdict.keep) != part.num_rows:
+            raise AccountingError(f"filter {name!r} decided {len(verdict.keep)} of {part.num_rows} rows")
+        kept, dropped = split_by_mask(part, verdict.keep)
+        drop_mask = pa.array(~verdict.keep)
+        value = verdict.value.filter(drop_mask) if verdict.value is not None else None
+        return kept, build_rejects(name, dropped, verdict.reason.filter(drop_mask), value)
+    raise TypeError(f"stage {name!r} of kind {stage.kind!r} cannot run as a map stage")
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a segment's rows go: a sink, or the work folder (materialize)."""
+
+    kind: str
+    name: str
+    sink: SinkSpec | None
+    shard_bytes: int
+
+
+def write_targets(block: pa.Table, unit: int, targets: Sequence[Target], layout: Layout,
+                  reports: list[dict[str, Any]]) -> pa.Table:
+    """Write a unit to every target; return its reports as one row."""
+    block = block.replace_schema_metadata(None)
+    for target in targets:
+        if target.kind == "materialize":
+            write_parquet_atomic(block, layout.work(target.name, unit), "zstd")
+            continue
+        assert target.sink is not None
+        for f in write_sink(block, layout, target.name, unit, target.shard_bytes,
+                            target.sink.compression, target.sink.columns):
+            reports.append({"kind": "output", "sink": target.name, "unit": unit,
+                            "path": layout.relative(f.path), "rows": f.rows,
+                            "bytes": f.bytes, "sha256": f.sha256})
+    return pa.table({"unit": [unit], "reports": [json.dumps(reports)]})
+
+
+class StageGroup:
+    """A fused chain of map stages in one actor; the last group also writes."""
+
+    def __init__(self, stages: list[BoundStage], seed: int, layout: Layout,
+                 targets: list[Target]) -> None:
+        self.stages = [(b.name, instantiate(b, seed), b.resources.batch_size) for b in stages]
+        for _, stage, _ in self.stages:
+            stage.setup()
+        self.layout = layout
+        self.targets = targets
+
+    def __call__(self, block: pa.Table) -> pa.Table:
+        unit = _single_unit(block)
+        reports = reports_of(block)
+        block = block.replace_schema_metadata(None)
+        for name, stage, batch_size in self.stages:
+            block, report = run_stage(name, stage, batch_size, unit, self.layout, block)
+            reports.append(report)
+        if self.targets:
+            return write_targets(block, unit, self.targets, self.layout, reports)
+        return with_reports(block, reports)
+
+
+def _write_only(block: pa.Table, targets: list[Target], layout: Layout) -> pa.Table:
+    return write_targets(block, _single_unit(block), targets, layout, reports_of(block))
+
+
+class Runner:
+    """Executes a :class:`Plan` into an output folder on the current Ray cluster."""
+
+    def __init__(self, plan: Plan, output: str) -> None:
+        self.plan = plan
+        self.layout = Layout(os.path.abspath(output))
+        self.execution: ExecutionSpec = plan.pipeline.spec.execution
+        self.units = self._plan_units()
+        self.reports: list[dict[str, Any]] = []
+        self.global_seconds: dict[str, float] = {}
+
+    def _plan_units(self) -> dict[str, list[Unit]]:
+        units: dict[str, list[Unit]] = {}
+        first = 0
+        for name in self.plan.pipeline.spec.sources:
+            units[name] = plan_units(name, self.plan.shards[name], int(self.execution.unit_bytes), first)
+            first += len(units[name])
+        return units
+
+    def node_units(self, node: str) -> list[Unit]:
+        if node in self.units:
+            return self.units[node]
+        found = {u.index: u for parent in self.plan.pipeline.stages[node].inputs
+                 for u in self.node_units(parent)}
+        return [found[i] for i in sorted(found)]
+
+    def run(self) -> None:
+        ray.data.DataContext.get_current().target_max_block_size = None
+        for segment in self.plan.segments:
+            if segment.apply is not None:
+                self._run_global(segment.apply)
+            self._run_segment(segment)
+
+    def _reads(self, segment: Segment, columns: tuple[str, ...] | None = None) -> list[UnitRead]:
+        reads = []
+        specs = self.plan.pipeline.spec.sources
+        for node in segment.inputs:
+            for unit in self.node_units(node):
+                if node in specs and node not in self.plan.materialized_done:
+                    reads.append(UnitRead(unit, source_spec=specs[node]))
+                else:
+                    reads.append(UnitRead(unit, node=node, apply=segment.apply, columns=columns))
+        return sorted(reads, key=lambda r: r.unit.index)
+
+    def _targets(self, segment: Segment) -> list[Target]:
+        out = []
+        for kind, name in segment.targets:
+            sink = self.plan.pipeline.spec.sinks.get(name) if kind == "sink" else None
+            size = int(sink.shard_bytes or self.execution.shard_bytes) if sink else 0
+            out.append(Target(kind, name, sink, size))
+        return out
+
+    def _dataset(self, reads: list[UnitRead]) -> ray.data.Dataset:
+        return ray.data.read_datasource(
+            UnitDatasource(reads, self.layout), override_num_blocks=max(len(reads), 1)
+        )
+
+    def _run_segment(self, segment: Segment) -> None:
+        reads = self._reads(segment)
+        if not reads:
+            return
+        ds = self._dataset(reads)
+        targets = self._targets(segment)
+        groups = segment.groups
+        for i, group in enumerate(groups):
+            bound = [self.plan.pipeline.stages[n] for n in group]
+            last = i == len(groups) - 1
+            ds = ds.map_batches(
+                StageGroup,
+                fn_constructor_args=(bound, self.plan.pipeline.spec.seed, self.layout,
+                                     targets if last else []),
+                batch_size=None,
+                batch_format="pyarrow",
+                zero_copy_batch=True,
+                **_ray_args(bound[0], len(reads), len(groups)),
+            )
+        if not groups:
+            ds = ds.map_batches(_write_only, fn_kwargs={"targets": targets, "layout": self.layout},
+                                batch_size=None, batch_format="pyarrow", zero_copy_batch=True)
+        for row in ds.take_all():
+            self.reports.extend(json.loads(row["reports"]))
+        for kind, name in segment.targets:
+            if kind == "materialize":
+                self.plan.materialized_done.add(name)
+
+    def _run_global(self, name: str) -> None:
+        start = time.perf_counter()
+        stage = self.plan.stages[name]
+        stage.setup()
+        columns = (UNIT, POS, "id", *stage.reads())
+        inputs = self.plan.pipeline.stages[name].inputs
+        reads = self._reads(Segment(-1, inputs, None, (), ()), columns)
+        decisions = stage.plan(self._dataset(reads))
+        layout = self.layout
+        written = decisions.groupby(UNIT).map_groups(
+            _write_decisions, fn_kwargs={"stage": name, "layout": layout}, batch_format="pyarrow"
+        )
+        written.materialize()
+        self.global_seconds[name] = time.perf_counter() - start
+
+
+def _write_decisions(group: pa.Table, stage: str, layout: Layout) -> pa.Table:
+    group = group.select(DECISION_SCHEMA.names).cast(DECISION_SCHEMA).sort_by(POS)
+    unit = int(group.column(UNIT)[0].as_py())
+    write_parquet_atomic(group, layout.decisions(stage, unit))
+    return pa.table({"unit": [unit], "rows": [group.num_rows]})
+
+
+def _ray_args(bound: BoundStage, n_units: int, n_groups: int) -> dict[str, Any]:
+    """Ray resources and pool size of a group's actors."""
+    res = bound.resources
+    args: dict[str, Any] = {"num_cpus": res.num_cpus}
+    if res.num_gpus:
+        args["num_gpus"] = res.num_gpus
+    if res.memory:
+        args["memory"] = int(res.memory)
+    if res.concurrency is not None:
+        args["concurrency"] = res.concurrency
+    else:
+        cpus = float(ray.cluster_resources().get("CPU", 1))
+        per_group = max(1, int(cpus / max(res.num_cpus, 0.01) / n_groups))
+        args["concurrency"] = (1, max(1, min(per_group, n_units)))
+    return args

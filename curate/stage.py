@@ -1,0 +1,174 @@
+"""The stage contract: what every stage declares and implements.
+
+A stage has a typed config (a pydantic model, unknown keys rejected), declared
+resources, the columns it reads and writes, a ``setup()`` that loads heavy
+state once per actor, and a pure batch function.  Three kinds:
+
+* :class:`Annotator` adds columns and never changes the rows;
+* :class:`Filter` decides per row and gives every dropped row a reason;
+* :class:`GlobalStage` needs the whole dataset; it turns the keys of its input
+  into *decisions* (which rows to drop, and why) with Ray Data map, shuffle and
+  reduce steps, and the runner applies the decisions unit by unit.
+
+Stages know nothing of where they run; the runner knows nothing of what they do.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+import numpy as np
+import pyarrow as pa
+from pydantic import BaseModel, ByteSize, ConfigDict, Field
+
+if TYPE_CHECKING:
+    import ray.data
+
+StageKind = Literal["annotator", "filter", "global"]
+
+#: Columns every record carries from its source onwards.
+RESERVED_COLUMNS: dict[str, pa.DataType] = {
+    "id": pa.string(),
+    "text": pa.string(),
+    "source": pa.string(),
+    "provenance": pa.struct([("uri", pa.string()), ("row", pa.int64())]),
+}
+#: Internal ordering columns: the unit of work and the position inside it.
+UNIT, POS = "_unit", "_pos"
+
+
+class StageConfig(BaseModel):
+    """Base of every stage's config: strict, immutable, unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Resources(BaseModel):
+    """What one actor of a stage asks Ray for."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    memory: ByteSize | None = None
+    #: Actor-pool size: a fixed size or (min, max); None sizes it to the cluster.
+    concurrency: int | tuple[int, int] | None = None
+    #: Rows per call of ``process_batch``; None passes a whole unit at once.
+    batch_size: int | None = Field(None, gt=0)
+
+    def fusion_key(self) -> tuple[Any, ...]:
+        """Consecutive stages with equal keys run in one actor."""
+        return (self.num_cpus, self.num_gpus, self.memory, self.concurrency)
+
+
+@dataclass(frozen=True)
+class Requirement:
+    """An optional dependency: the import name and the pip line that installs it."""
+
+    module: str
+    pip: str
+
+    def missing(self) -> bool:
+        return importlib.util.find_spec(self.module) is None
+
+
+@dataclass(frozen=True)
+class StageContext:
+    """What a stage may know of the pipeline it runs in."""
+
+    name: str
+    seed: int
+    text_column: str = "text"
+
+
+class Stage(ABC):
+    """Base of all stages.  Subclasses set ``kind`` and ``Config``."""
+
+    kind: ClassVar[StageKind]
+    Config: ClassVar[type[StageConfig]] = StageConfig
+    requires: ClassVar[tuple[Requirement, ...]] = ()
+    default_resources: ClassVar[Resources] = Resources()
+
+    def __init__(self, config: StageConfig, context: StageContext) -> None:
+        self.config = config
+        self.context = context
+
+    def reads(self) -> Sequence[str]:
+        """Columns this stage reads; the DAG check proves an upstream writes them."""
+        return ()
+
+    def writes(self) -> Mapping[str, pa.DataType]:
+        """Columns this stage adds, with their types."""
+        return {}
+
+    def setup(self) -> None:  # noqa: B027 - optional hook, empty by design
+        """Load heavy state (models, tables); called once per actor."""
+
+
+class Annotator(Stage):
+    """Adds columns; the output has exactly the input's rows, in order."""
+
+    kind: ClassVar[StageKind] = "annotator"
+
+    @abstractmethod
+    def process_batch(self, batch: pa.Table) -> pa.Table:
+        """Return ``batch`` with this stage's columns added."""
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A filter's decision for one batch.
+
+    ``reason`` is null for kept rows.  Reasons are ``category`` or
+    ``category:detail``; counts in the manifest are kept per category.
+    ``value`` is the measured value that decided (as text), null when none.
+    """
+
+    keep: np.ndarray[Any, np.dtype[np.bool_]]
+    reason: pa.Array
+    value: pa.Array | None = None
+
+
+class Filter(Stage):
+    """Keeps or drops rows; every dropped row has a reason."""
+
+    kind: ClassVar[StageKind] = "filter"
+
+    @abstractmethod
+    def decide(self, batch: pa.Table) -> Verdict:
+        """Decide for every row of ``batch``."""
+
+    def process_batch(self, batch: pa.Table) -> pa.Table:
+        """The kept rows (pure; the runner uses :meth:`decide` to keep the rejects)."""
+        return batch.filter(pa.array(self.decide(batch).keep))
+
+
+#: Schema of a global stage's decisions: one row per dropped input row.
+DECISION_SCHEMA = pa.schema(
+    [(UNIT, pa.int64()), (POS, pa.int64()), ("reason", pa.string()), ("value", pa.string())]
+)
+
+
+class GlobalStage(Stage):
+    """Needs the whole dataset.
+
+    ``plan`` receives a Ray dataset of the input's key columns (``_unit``,
+    ``_pos``, ``id`` and :meth:`reads`) and returns a Ray dataset with
+    :data:`DECISION_SCHEMA`: one row per dropped row.  It must use Ray Data
+    map / shuffle / reduce steps and never pull the dataset into the driver.
+    """
+
+    kind: ClassVar[StageKind] = "global"
+
+    @abstractmethod
+    def plan(self, keys: ray.data.Dataset) -> ray.data.Dataset:
+        """Return the decisions for the rows of ``keys`` to drop."""
+
+
+def reason_category(reason: str) -> str:
+    """``'exact_duplicate:abc'`` -> ``'exact_duplicate'``."""
+    return reason.split(":", 1)[0]

@@ -1,0 +1,12 @@
+"""Built-in stages, installed as ``curate.stages``.
+
+Each entry maps a stable YAML ``type:`` name to a lazy ``module:Class``
+reference; modules are imported only when a pipeline uses them, and heavy
+dependencies are imported inside ``setup()``.
+"""
+
+BUILTIN_STAGES: dict[str, str] = {
+    "text_stats": "curate.stages.text_stats:TextStatsAnnotator",
+    "length_filter": "curate.stages.length_filter:LengthFilter",
+    "exact_dedup": "curate.stages.exact_dedup:ExactDedup",
+}
