@@ -317,7 +317,8 @@ class Runner:
         reads = self._reads(Segment(-1, inputs, None, (), ()), columns)
         decisions = stage.plan(self._dataset(reads))
         layout = self.layout
-        written = decisions.groupby(UNIT).map_groups(
+        partitions = max(1, min(len(reads), 64))
+        written = decisions.groupby(UNIT, num_partitions=partitions).map_groups(
             _write_decisions, fn_kwargs={"stage": name, "layout": layout}, batch_format="pyarrow"
         )
         written.materialize()
@@ -339,10 +340,13 @@ def _ray_args(bound: BoundStage, n_units: int, n_groups: int) -> dict[str, Any]:
         args["num_gpus"] = res.num_gpus
     if res.memory:
         args["memory"] = int(res.memory)
-    if res.concurrency is not None:
-        args["concurrency"] = res.concurrency
+    if isinstance(res.concurrency, int):
+        args["compute"] = ray.data.ActorPoolStrategy(size=res.concurrency)
+    elif res.concurrency is not None:
+        low, high = res.concurrency
+        args["compute"] = ray.data.ActorPoolStrategy(min_size=low, max_size=high)
     else:
         cpus = float(ray.cluster_resources().get("CPU", 1))
         per_group = max(1, int(cpus / max(res.num_cpus, 0.01) / n_groups))
-        args["concurrency"] = (1, max(1, min(per_group, n_units)))
+        args["compute"] = ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, min(per_group, n_units)))
     return args

@@ -67,7 +67,7 @@ class ExactDedup(GlobalStage):
 
     def plan(self, keys: ray.data.Dataset) -> ray.data.Dataset:
         hashed = keys.map_batches(self.hash_batch, batch_format="pyarrow")
-        return hashed.groupby(PART).map_groups(self.reduce_partition, batch_format="pyarrow")
+        return hashed.groupby(PART, num_partitions=self.config.num_partitions).map_groups(self.reduce_partition, batch_format="pyarrow")
 
     def hash_batch(self, batch: pa.Table) -> pa.Table:
         cfg = self.config

@@ -71,10 +71,10 @@ def _walk(node: yaml.Node, loc: Loc, pos: Positions, issues: list[Issue]) -> Non
         for key_node, value_node in node.value:
             key = str(key_node.value)
             child = (*loc, key)
+            pos.lines[child] = key_node.start_mark.line + 1
             if key in seen:
                 issues.append(pos.issue(child, f"duplicate key {key!r}"))
             seen.add(key)
-            pos.lines[child] = key_node.start_mark.line + 1
             _walk(value_node, child, pos, issues)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):

@@ -1,0 +1,41 @@
+# One entry point: `make demo` and `make test` each set everything up first.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.curate-installed
+
+.PHONY: setup demo test check lint types pytest bench lock clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements/lock.txt pyproject.toml
+	@sh infra/make_venv.sh "$(PYTHON)" "$(VENV)"
+	$(BIN)/pip install --disable-pip-version-check -q -r requirements/lock.txt
+	$(BIN)/pip install --disable-pip-version-check -q --no-deps -e .
+	@touch $@
+
+demo: setup
+	$(BIN)/curate run pipelines/demo_text.yaml --output out/demo_text
+
+lint: setup
+	$(BIN)/ruff check .
+
+types: setup
+	$(BIN)/mypy
+
+pytest: setup
+	$(BIN)/pytest
+
+# The test command: lint, types, tests.  `.ci/run` calls exactly this.
+test: lint types pytest
+check: test
+
+bench: setup
+	$(BIN)/python bench/passthrough.py
+
+lock: setup
+	( echo "# Pinned, fully resolved dependencies (runtime + dev). Regenerate with: make lock"; \
+	  $(BIN)/pip freeze --exclude-editable | grep -v '^curate' ) > requirements/lock.txt
+
+clean:
+	rm -rf $(VENV) out .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,132 @@
+"""Config loading: safe YAML, every error at once with file and line, overrides."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from curate.config import ConfigError, load_pipeline
+from curate.config.load import parse_override
+
+GOOD = """\
+name: t
+sources:
+  docs: {uri: "*.jsonl"}
+stages:
+  stats: {type: text_stats}
+  length:
+    type: length_filter
+    min_words: 3
+sinks:
+  out: {input: length}
+"""
+
+BROKEN = """\
+name: broken
+seed: not-a-number
+sources:
+  docs:
+    uri: "*.jsonl"
+    colour: red
+stages:
+  stats:
+    type: text_stat
+  length:
+    type: length_filter
+    min_words: many
+    max_wrds: 10
+sinks:
+  out: {input: length, compression: lz4}
+"""
+
+
+def test_good_file_loads_with_defaults(pipeline_file: Callable[[str], Path]) -> None:
+    p = load_pipeline(pipeline_file(GOOD))
+    assert p.stages["stats"].inputs == ("docs",)
+    assert p.stages["length"].inputs == ("stats",)
+    assert p.stages["length"].config.model_dump()["min_words"] == 3
+    assert len(p.spec_hash()) == 64
+
+
+def test_every_error_reported_with_file_line_and_path(pipeline_file: Callable[[str], Path]) -> None:
+    path = pipeline_file(BROKEN)
+    with pytest.raises(ConfigError) as info:
+        load_pipeline(path)
+    lines = str(info.value).splitlines()
+    expected = {
+        2: "seed: expected a valid integer, unable to parse string as an integer, got 'not-a-number'",
+        6: "sources.docs.colour: unknown key 'colour'",
+        9: "stages.stats.type: unknown stage type 'text_stat'; did you mean 'text_stats'",
+        12: "stages.length.min_words: expected a valid integer",
+        13: "stages.length.max_wrds: unknown key 'max_wrds'",
+        15: "sinks.out.compression: expected 'zstd', 'snappy', 'gzip' or 'none', got 'lz4'",
+    }
+    assert len(lines) == len(expected), lines
+    for line_no, text in expected.items():
+        assert any(line.startswith(f"{path}:{line_no}: ") and text in line for line in lines), (
+            line_no, lines)
+
+
+def test_duplicate_keys_are_errors(pipeline_file: Callable[[str], Path]) -> None:
+    path = pipeline_file(GOOD + "seed: 1\nseed: 2\n")
+    with pytest.raises(ConfigError, match=r"pipe.yaml:12: seed: duplicate key 'seed'"):
+        load_pipeline(path)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["!!python/object/apply:os.system ['echo pwned']\n", "name: !!python/name:os.system\n"],
+)
+def test_yaml_cannot_execute_code(pipeline_file: Callable[[str], Path], text: str) -> None:
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_pipeline(pipeline_file(text))
+
+
+def test_invalid_yaml_syntax_has_a_line(pipeline_file: Callable[[str], Path]) -> None:
+    path = pipeline_file("name: x\nsources: [a, b\n")
+    with pytest.raises(ConfigError, match=rf"{path}:\d+: <root>: invalid YAML"):
+        load_pipeline(path)
+
+
+def test_overrides_set_any_field(pipeline_file: Callable[[str], Path], tmp_path: Path) -> None:
+    p = load_pipeline(pipeline_file(GOOD), ["stages.length.min_words=50", "seed=7",
+                                            "sources.docs.uri=other/*.jsonl"])
+    assert p.stages["length"].config.model_dump()["min_words"] == 50
+    assert p.spec.seed == 7
+    assert p.spec.sources["docs"].uri == str(Path("other/*.jsonl").absolute())
+
+
+def test_override_errors_name_the_command_line(pipeline_file: Callable[[str], Path]) -> None:
+    with pytest.raises(ConfigError, match=r"--set: stages.length.min_words: expected a valid integer"):
+        load_pipeline(pipeline_file(GOOD), ["stages.length.min_words=lots"])
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        parse_override("no-equals-sign")
+
+
+def test_stage_config_cross_field_check(pipeline_file: Callable[[str], Path]) -> None:
+    bad = GOOD.replace("min_words: 3", "min_words: 30\n    max_words: 3")
+    with pytest.raises(ConfigError, match=r"pipe.yaml:6: stages.length: expected min_words \(30\) must not exceed"):
+        load_pipeline(pipeline_file(bad))
+
+
+def test_cli_validate_prints_all_errors_and_fails(pipeline_file: Callable[[str], Path]) -> None:
+    path = pipeline_file(BROKEN)
+    proc = subprocess.run([sys.executable, "-m", "curate.cli", "validate", str(path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert "6 problem(s) found" in proc.stderr
+    assert f"{path}:13: stages.length.max_wrds" in proc.stderr.replace("\n", "")
+
+
+def test_every_bundled_pipeline_validates() -> None:
+    from curate.api import check
+
+    root = Path(__file__).resolve().parents[1] / "pipelines"
+    files = sorted(root.glob("*.yaml"))
+    assert files
+    for path in files:
+        check(str(path))
