@@ -92,7 +92,7 @@ def _topo_order(pipeline: Pipeline, issues: list[Issue], line: Callable[[Loc, st
             return
         state[name] = 1
         for parent in pipeline.stages[name].inputs:
-            if parent in pipeline.stages:
+            if parent in pipeline.stages:  # unknown names are reported by _check_inputs
                 visit(parent, [*trail, name])
         state[name] = 2
         order.append(name)
@@ -185,9 +185,8 @@ def build_plan(pipeline: Pipeline) -> Plan:
     for name in pipeline.spec.sources:
         plan.columns[name] = _source_columns(pipeline, name, shards.get(name, []))
     _check_inputs(pipeline, issues, line)
-    if not issues:
-        _check_unused(pipeline, issues, line)
-    order = _topo_order(pipeline, issues, line) if not issues else []
+    _check_unused(pipeline, issues, line)
+    order = _topo_order(pipeline, issues, line)
     _check_columns(plan, order, issues, line)
     _check_dependencies(plan, issues, line)
     if issues:

@@ -1,0 +1,175 @@
+"""Registry (built-ins, entry points, plugins, collisions) and the DAG check."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from curate import registry
+from curate.api import check
+from curate.config import ConfigError
+
+PLUGIN = '''
+from typing import ClassVar
+import pyarrow as pa
+from curate.registry import register_stage
+from curate.stage import Annotator, Requirement, StageConfig
+
+
+class UpperConfig(StageConfig):
+    column: str = "text"
+
+
+@register_stage("upper_case")
+class Upper(Annotator):
+    Config: ClassVar[type[StageConfig]] = UpperConfig
+
+    def reads(self):
+        return (self.config.column,)
+
+    def writes(self):
+        return {"upper": pa.string()}
+
+    def process_batch(self, batch):
+        import pyarrow.compute as pc
+        return batch.append_column("upper", pc.utf8_upper(batch.column(self.config.column)))
+
+
+@register_stage("needs_missing_module")
+class NeedsMissing(Upper):
+    requires = (Requirement("surely_not_installed_xyz", "surely-not-installed-xyz==1.0"),)
+'''
+
+
+@pytest.fixture
+def plugin_dir(tmp_path: Path) -> Iterator[Path]:
+    """A real plugin module and a real installed distribution with an entry point."""
+    (tmp_path / "my_plugin.py").write_text(PLUGIN)
+    (tmp_path / "ep_stages.py").write_text(PLUGIN.replace("upper_case", "ep_upper").replace(
+        '@register_stage("needs_missing_module")', "").replace("from curate.registry import register_stage", "def register_stage(n):\n    return lambda c: c"))
+    dist = tmp_path / "ep_stages-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: ep-stages\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[curate.stages]\nep_upper = ep_stages:Upper\n")
+    sys.path.insert(0, str(tmp_path))
+    saved = (dict(registry._refs), dict(registry._classes), registry._loaded_builtins)
+    registry._refs.clear()
+    registry._classes.clear()
+    registry._loaded_builtins = False
+    try:
+        yield tmp_path
+    finally:
+        sys.path.remove(str(tmp_path))
+        for mod in ("my_plugin", "ep_stages"):
+            sys.modules.pop(mod, None)
+        registry._refs.clear()
+        registry._refs.update(saved[0])
+        registry._classes.clear()
+        registry._classes.update(saved[1])
+        registry._loaded_builtins = saved[2]
+
+
+def test_builtins_are_known_and_lazy() -> None:
+    assert {"text_stats", "length_filter", "exact_dedup"} <= set(registry.known_types())
+    assert registry.get_stage_class("exact_dedup").kind == "global"
+
+
+def test_unknown_type_lists_closest_names() -> None:
+    with pytest.raises(registry.RegistryError, match="did you mean 'length_filter'"):
+        registry.get_stage_class("lenght_filter")
+
+
+def test_entry_point_stage_is_found(plugin_dir: Path) -> None:
+    cls = registry.get_stage_class("ep_upper")
+    assert cls.__module__ == "ep_stages"
+
+
+def test_plugin_module_named_in_yaml_registers(plugin_dir: Path, pipeline_file: Callable[[str], Path]) -> None:
+    (plugin_dir / "d.jsonl").write_text('{"text": "a"}\n')
+    plan = check(str(pipeline_file(textwrap.dedent("""\
+        name: p
+        plugins: [my_plugin]
+        sources: {docs: {uri: d.jsonl}}
+        stages: {up: {type: upper_case}}
+        sinks: {out: {input: up}}
+    """))))
+    assert plan.columns["up"]["upper"].equals(__import__("pyarrow").string())
+
+
+def test_collisions_are_refused(plugin_dir: Path) -> None:
+    import importlib
+
+    importlib.import_module("my_plugin")
+    with pytest.raises(registry.RegistryError, match="registered twice"):
+        registry.register_stage("text_stats")(registry.get_stage_class("upper_case"))
+
+
+DAG_ERRORS = """\
+name: dag
+plugins: [my_plugin]
+sources:
+  docs: {uri: d.jsonl}
+  unused: {uri: d.jsonl}
+stages:
+  a: {type: text_stats, input: c}
+  b: {type: length_filter, input: a, min_words: 1}
+  c: {type: text_stats, input: b}
+  filt: {type: length_filter, input: docs}
+  ghost: {type: text_stats, input: nowhere}
+  dep: {type: needs_missing_module, input: docs}
+sinks:
+  out: {input: filt}
+  out2: {input: dep}
+"""
+
+
+def test_dag_errors_all_reported_together(plugin_dir: Path, pipeline_file: Callable[[str], Path]) -> None:
+    (plugin_dir / "d.jsonl").write_text('{"text": "a"}\n')
+    path = pipeline_file(DAG_ERRORS)
+    with pytest.raises(ConfigError) as info:
+        check(str(path))
+    text = str(info.value)
+    assert f"{path}:11: stages.ghost.input: expected the name of a source or stage" in text
+    assert "cycle in the graph: a -> c -> b -> a" in text
+    assert "unused: output is never used" in text
+    assert "stages.filt: reads column 'n_chars', which no upstream stage writes" in text
+    assert "pip install surely-not-installed-xyz==1.0" in text
+    assert len(info.value.issues) == 7  # ghost is also unused; filt lacks two columns
+
+
+BRANCHY = """\
+name: branchy
+sources:
+  web: {uri: d.jsonl}
+  books: {uri: d.jsonl}
+stages:
+  stats: {type: text_stats, input: web}
+  length: {type: length_filter, input: stats, min_words: 1}
+  heavy:
+    type: length_filter
+    input: length
+    max_words: 100
+    resources: {num_cpus: 2}
+  dedup: {type: exact_dedup, input: heavy}
+  both: {type: text_stats, input: [dedup, books]}
+sinks:
+  main: {input: both}
+  also: {input: length}
+"""
+
+
+def test_segments_fuse_and_materialize(tmp_path: Path, pipeline_file: Callable[[str], Path]) -> None:
+    (tmp_path / "d.jsonl").write_text('{"text": "a"}\n')
+    plan = check(str(pipeline_file(BRANCHY)))
+    seg = [(s.inputs, s.apply, s.groups, s.targets) for s in plan.segments]
+    assert seg[0] == (("web",), None, (("stats", "length"),), (("materialize", "length"),))
+    assert (("length",), None, (), (("sink", "also"),)) in seg
+    assert (("length",), None, (("heavy",),), (("materialize", "heavy"),)) in seg
+    assert (("heavy",), "dedup", (), (("materialize", "dedup"),)) in seg
+    assert (("books",), None, (), (("materialize", "books"),)) in seg
+    assert seg[-1] == (("dedup", "books"), None, (("both",),), (("sink", "main"),))
+    assert plan.materialized == {"length", "heavy", "dedup", "books"}
