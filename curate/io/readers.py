@@ -215,16 +215,28 @@ class ParquetParser:
         bad = pc.is_valid(reason)
         rejects = self._rejects(table, shard.uri, reason, prov, bad)
         good = pc.invert(bad)
-        kept = self._columns(table.filter(good), shard.uri, rows.filter(good))
+        if self._missing(table):
+            kept = self._empty()
+        else:
+            kept = self._columns(table.filter(good), shard.uri, rows.filter(good))
         return kept.append_column("provenance", prov.filter(good)), rejects
+
+    def _needed(self) -> list[str]:
+        optional = [self.spec.id_column] if self.spec.id_column else []
+        return [self.spec.text_column, *optional, *(self.spec.columns or {})]
+
+    def _missing(self, table: pa.Table) -> str | None:
+        return next((c for c in self._needed() if c not in table.column_names), None)
+
+    def _empty(self) -> pa.Table:
+        extras = [(c, ARROW_TYPES[k]) for c, k in (self.spec.columns or {}).items()]
+        return pa.schema([("id", pa.string()), ("text", pa.string()), *extras]).empty_table()
 
     def _reasons(self, table: pa.Table, uri: str) -> pa.Array:
         n = table.num_rows
-        needed = [self.spec.text_column, *([self.spec.id_column] if self.spec.id_column else [])]
-        needed += list(self.spec.columns or {})
-        for column in needed:
-            if column not in table.column_names:
-                return pa.array([f"missing_column:{uri}: no column {column!r}"] * n, pa.string())
+        missing = self._missing(table)
+        if missing is not None:
+            return pa.array([f"missing_column:{uri}: no column {missing!r}"] * n, pa.string())
         text = table.column(self.spec.text_column)
         if not pa.types.is_string(text.type) and not pa.types.is_large_string(text.type):
             return pa.array([f"bad_text:{uri}: column is {text.type}"] * n, pa.string())

@@ -1,0 +1,125 @@
+"""Bad input: each case is a quarantined row with file and line, or a clear error."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from curate.config.model import SourceSpec
+from curate.io.files import InputError, list_shards, plan_units
+from curate.io.readers import read_unit
+
+SPEC = SourceSpec(uri="*", columns={"url": "string", "n": "int64"})
+
+
+def read(path: Path, spec: SourceSpec = SPEC) -> tuple[pa.Table, pa.Table]:
+    shards = list_shards(path.name, path.parent)
+    (unit,) = plan_units("docs", shards, 1 << 30, 0)
+    table, rejects, inputs = read_unit(unit, spec)
+    assert inputs[0].records == table.num_rows + rejects.num_rows
+    return table, rejects
+
+
+def one_reject(rejects: pa.Table) -> dict[str, object]:
+    assert rejects.num_rows == 1, rejects.to_pylist()
+    return rejects.to_pylist()[0]
+
+
+def test_good_lines_keep_provenance_and_declared_columns(tmp_path: Path) -> None:
+    p = tmp_path / "a.jsonl"
+    p.write_text('{"text": "x", "url": "u1", "n": 3}\n{"text": "y", "other": 1}\n')
+    table, rejects = read(p)
+    assert rejects.num_rows == 0
+    assert table.column_names == ["id", "text", "provenance", "url", "n", "source", "_unit", "_pos"]
+    assert table.column("provenance").to_pylist() == [{"uri": "a.jsonl", "row": 0}, {"uri": "a.jsonl", "row": 1}]
+    assert table.column("n").to_pylist() == [3, None]
+    assert table.column("id")[0].as_py() != table.column("id")[1].as_py()
+
+
+def test_invalid_json_line_is_quarantined_with_line(tmp_path: Path) -> None:
+    p = tmp_path / "a.jsonl"
+    p.write_text('{"text": "ok"}\n{"text": "broken\n{"text": "ok2"}\n')
+    table, rejects = read(p)
+    assert table.column("text").to_pylist() == ["ok", "ok2"]
+    r = one_reject(rejects)
+    assert str(r["reason"]).startswith("invalid_json:a.jsonl line 2: Unterminated string")
+    assert r["provenance"] == {"uri": "a.jsonl", "row": 1}
+    assert r["value"] == '{"text": "broken'
+
+
+def test_bad_utf8_is_quarantined(tmp_path: Path) -> None:
+    p = tmp_path / "a.jsonl"
+    p.write_bytes(b'{"text": "caf\xe9"}\n{"text": "fine"}\n')
+    table, rejects = read(p)
+    assert table.num_rows == 1
+    assert one_reject(rejects)["reason"] == "bad_utf8:a.jsonl line 1: invalid UTF-8 at byte 13"
+
+
+def test_missing_text_is_quarantined(tmp_path: Path) -> None:
+    p = tmp_path / "a.jsonl"
+    p.write_text('{"body": "no text"}\n{"text": null}\n{"text": 5}\n[1, 2]\n\n')
+    table, rejects = read(p)
+    assert table.num_rows == 0
+    reasons = [r.split(":")[0] for r in rejects.column("reason").to_pylist()]
+    assert reasons == ["missing_text", "missing_text", "bad_text", "not_an_object", "blank_line"]
+
+
+def test_wrong_declared_type_is_quarantined(tmp_path: Path) -> None:
+    p = tmp_path / "a.jsonl"
+    p.write_text('{"text": "t", "n": "seven"}\n')
+    _, rejects = read(p)
+    assert one_reject(rejects)["reason"] == "bad_column:a.jsonl line 1: 'n': expected an integer, got 'seven'"
+
+
+def test_empty_file_reads_as_zero_rows(tmp_path: Path) -> None:
+    p = tmp_path / "a.jsonl"
+    p.write_bytes(b"")
+    table, rejects = read(p)
+    assert (table.num_rows, rejects.num_rows) == (0, 0)
+    assert "text" in table.column_names
+
+
+def test_corrupt_gzip_is_a_clear_error_naming_the_file(tmp_path: Path) -> None:
+    p = tmp_path / "a.jsonl.gz"
+    p.write_bytes(gzip.compress(b'{"text": "x"}\n')[:-12])
+    with pytest.raises(InputError, match=r"a.jsonl.gz: cannot decompress"):
+        read(p)
+
+
+def test_parquet_null_text_and_missing_column(tmp_path: Path) -> None:
+    p = tmp_path / "a.parquet"
+    pq.write_table(pa.table({"text": ["a", None, "c"], "url": ["u", "v", "w"], "n": [1, 2, 3]}), p)
+    table, rejects = read(p)
+    assert table.column("text").to_pylist() == ["a", "c"]
+    assert [r["provenance"]["row"] for r in table.to_pylist()] == [0, 2]
+    assert one_reject(rejects)["reason"] == "missing_text:a.parquet row 1: null text"
+    q = tmp_path / "b.parquet"
+    pq.write_table(pa.table({"body": ["a", "b"]}), q)
+    table, rejects = read(q, SourceSpec(uri="*"))
+    assert table.num_rows == 0
+    assert set(rejects.column("reason").to_pylist()) == {"missing_column:b.parquet: no column 'text'"}
+
+
+def test_unreadable_parquet_is_a_clear_error(tmp_path: Path) -> None:
+    p = tmp_path / "a.parquet"
+    p.write_bytes(b"PAR1 this is not parquet")
+    with pytest.raises(InputError, match=r"a.parquet: not a readable Parquet file"):
+        read(p)
+
+
+def test_no_matching_files_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match=r"nothing\*.jsonl: no file matches"):
+        list_shards("nothing*.jsonl", tmp_path)
+
+
+def test_units_group_consecutive_shards(tmp_path: Path) -> None:
+    for i in range(5):
+        (tmp_path / f"s{i}.jsonl").write_text('{"text": "0123456789"}\n' * 10)
+    shards = list_shards("*.jsonl", tmp_path)
+    units = plan_units("docs", shards, 500, 7)
+    assert [u.index for u in units] == [7, 8, 9]
+    assert [len(u.shards) for u in units] == [2, 2, 1]
