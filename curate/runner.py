@@ -60,8 +60,16 @@ class UnitRead:
 
 
 def load_unit(task: UnitRead, layout: Layout) -> pa.Table:
-    """Read one unit, quarantining bad rows and applying a global stage's decisions."""
+    """Read one unit, quarantining bad rows and applying a global stage's decisions.
+
+    Key-column reads for a global stage (``task.columns``) carry no trailer.
+    """
     start = time.perf_counter()
+    table = _load_rows(task, layout, start)
+    return table if task.columns else with_trailer(table, task.unit.index)
+
+
+def _load_rows(task: UnitRead, layout: Layout, start: float) -> pa.Table:
     if task.source_spec is not None:
         table, rejects, inputs = read_unit(task.unit, task.source_spec)
         written = write_rejects(layout.rejects(task.unit.source, task.unit.index), rejects)
@@ -120,17 +128,39 @@ def _reader(read: UnitRead, layout: Layout) -> Any:
     return fn
 
 
-def _single_unit(block: pa.Table) -> int:
-    units = pc.unique(block.column(UNIT)).to_pylist() if block.num_rows else []
-    meta = reports_of(block)
-    if len(units) > 1:
+TRAILER_POS = -1
+
+
+def with_trailer(table: pa.Table, unit: int) -> pa.Table:
+    """Append the unit's trailer row: all nulls but ``_unit`` and ``_pos = -1``.
+
+    Ray Data turns an empty block into a schemaless one and passes it by the
+    later operators, which would lose a unit whose rows were all dropped, with
+    its reports.  The trailer keeps every unit block non-empty; stages never
+    see it (:func:`split_trailer`), and writers drop it.
+    """
+    columns = {
+        f.name: pa.nulls(1, f.type) for f in table.schema if f.name not in (UNIT, POS)
+    }
+    columns[UNIT] = pa.array([unit], pa.int64())
+    columns[POS] = pa.array([TRAILER_POS], pa.int64())
+    trailer = pa.table(columns, schema=table.schema.remove_metadata())
+    return pa.concat_tables([table.replace_schema_metadata(None), trailer]).replace_schema_metadata(
+        table.schema.metadata
+    )
+
+
+def split_trailer(block: pa.Table) -> tuple[pa.Table, int, list[dict[str, Any]]]:
+    """Live rows (without metadata), the unit, and the reports carried so far."""
+    pos = block.column(POS).to_numpy()
+    if block.num_rows == 0 or pos[-1] != TRAILER_POS or (pos[:-1] < 0).any():
+        raise AccountingError("a unit block lost its trailer row: unit integrity broken")
+    units = pc.unique(block.column(UNIT)).to_pylist()
+    if len(units) != 1:
         raise AccountingError(f"a block holds rows of several units {units}: unit integrity lost")
-    if units:
-        return int(units[0])
-    for report in meta:
-        if "unit" in report:
-            return int(report["unit"])
-    raise AccountingError("an empty block carries no unit report")
+    reports = reports_of(block)
+    live = block.slice(0, block.num_rows - 1).replace_schema_metadata(None)
+    return live, int(units[0]), reports
 
 
 def run_stage(name: str, stage: Stage, batch_size: int | None, unit: int, layout: Layout,
@@ -177,6 +207,8 @@ class Target:
     name: str
     sink: SinkSpec | None
     shard_bytes: int
+    #: For ``materialize``: the node's planned columns, given to an emptied unit.
+    columns: dict[str, pa.DataType] | None = None
 
 
 def write_targets(block: pa.Table, unit: int, targets: Sequence[Target], layout: Layout,
@@ -185,7 +217,8 @@ def write_targets(block: pa.Table, unit: int, targets: Sequence[Target], layout:
     block = block.replace_schema_metadata(None)
     for target in targets:
         if target.kind == "materialize":
-            write_parquet_atomic(block, layout.work(target.name, unit), "zstd")
+            table = block if block.num_rows else planned_empty(block.schema, target.columns or {})
+            write_parquet_atomic(table, layout.work(target.name, unit), "zstd")
             continue
         assert target.sink is not None
         for f in write_sink(block, layout, target.name, unit, target.shard_bytes,
@@ -194,6 +227,13 @@ def write_targets(block: pa.Table, unit: int, targets: Sequence[Target], layout:
                             "path": layout.relative(f.path), "rows": f.rows,
                             "bytes": f.bytes, "sha256": f.sha256})
     return pa.table({"unit": [unit], "reports": [json.dumps(reports)]})
+
+
+def planned_empty(have: pa.Schema, planned: dict[str, pa.DataType]) -> pa.Table:
+    """An empty table with every planned column (stages skipped on an emptied unit add none)."""
+    fields = [have.field(n) for n in have.names if n not in (UNIT, POS)]
+    fields += [pa.field(c, t) for c, t in planned.items() if c not in have.names]
+    return pa.schema([*fields, pa.field(UNIT, pa.int64()), pa.field(POS, pa.int64())]).empty_table()
 
 
 class StageGroup:
@@ -208,19 +248,20 @@ class StageGroup:
         self.targets = targets
 
     def __call__(self, block: pa.Table) -> pa.Table:
-        unit = _single_unit(block)
-        reports = reports_of(block)
-        block = block.replace_schema_metadata(None)
+        live, unit, reports = split_trailer(block)
         for name, stage, batch_size in self.stages:
-            block, report = run_stage(name, stage, batch_size, unit, self.layout, block)
+            if live.num_rows == 0:
+                break  # nothing left to do; the writer gives the unit its full schema
+            live, report = run_stage(name, stage, batch_size, unit, self.layout, live)
             reports.append(report)
         if self.targets:
-            return write_targets(block, unit, self.targets, self.layout, reports)
-        return with_reports(block, reports)
+            return write_targets(live, unit, self.targets, self.layout, reports)
+        return with_reports(with_trailer(live, unit), reports)
 
 
 def _write_only(block: pa.Table, targets: list[Target], layout: Layout) -> pa.Table:
-    return write_targets(block, _single_unit(block), targets, layout, reports_of(block))
+    live, unit, reports = split_trailer(block)
+    return write_targets(live, unit, targets, layout, reports)
 
 
 class Runner:
@@ -272,7 +313,8 @@ class Runner:
         for kind, name in segment.targets:
             sink = self.plan.pipeline.spec.sinks.get(name) if kind == "sink" else None
             size = int(sink.shard_bytes or self.execution.shard_bytes) if sink else 0
-            out.append(Target(kind, name, sink, size))
+            columns = self.plan.columns[name] if kind == "materialize" else None
+            out.append(Target(kind, name, sink, size, columns))
         return out
 
     def _dataset(self, reads: list[UnitRead]) -> ray.data.Dataset:
