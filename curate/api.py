@@ -12,7 +12,7 @@ from typing import Any
 from curate.config.load import Pipeline, load_pipeline
 from curate.dag import Plan, build_plan
 from curate.lineage.manifest import build_manifest, stage_seconds, write_manifest
-from curate.runner import Runner
+from curate.runner import Runner, cluster_nodes, cluster_resources
 
 
 @dataclass(frozen=True)
@@ -45,8 +45,12 @@ def init_ray(address: str | None, num_cpus: int | None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
-                 log_to_driver=True, configure_logging=False)
+        ray.init(
+            num_cpus=num_cpus or os.cpu_count(),
+            include_dashboard=False,
+            log_to_driver=True,
+            configure_logging=False,
+        )
 
 
 def run(
@@ -61,8 +65,9 @@ def run(
     return run_plan(plan, output, address, num_cpus)
 
 
-def run_plan(plan: Plan, output: str | None = None, address: str | None = None,
-             num_cpus: int | None = None) -> RunResult:
+def run_plan(
+    plan: Plan, output: str | None = None, address: str | None = None, num_cpus: int | None = None
+) -> RunResult:
     import ray
 
     out = output_dir(plan.pipeline, output)
@@ -71,7 +76,7 @@ def run_plan(plan: Plan, output: str | None = None, address: str | None = None,
     t0 = time.perf_counter()
     runner = Runner(plan, out)
     runner.run()
-    resources = ray.cluster_resources()
+    resources = cluster_resources()
     run_info = {
         "started_at": started.isoformat(timespec="seconds"),
         "seconds": round(time.perf_counter() - t0, 3),
@@ -79,8 +84,12 @@ def run_plan(plan: Plan, output: str | None = None, address: str | None = None,
         "global_stage_seconds": {k: round(v, 4) for k, v in runner.global_seconds.items()},
         "output": out,
         "host": platform.node(),
-        "cluster": {"nodes": len(ray.nodes()), "cpus": resources.get("CPU", 0),
-                    "gpus": resources.get("GPU", 0), "ray": ray.__version__},
+        "cluster": {
+            "nodes": cluster_nodes(),
+            "cpus": resources.get("CPU", 0),
+            "gpus": resources.get("GPU", 0),
+            "ray": ray.__version__,
+        },
     }
     manifest = build_manifest(plan, runner.layout, runner.reports, run_info)
     write_manifest(manifest, runner.layout)

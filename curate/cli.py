@@ -11,15 +11,21 @@ from rich.table import Table
 
 from curate.config.yamlpos import ConfigError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Curate LLM and multimodal training data with Ray.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Curate LLM and multimodal training data with Ray.",
+)
 err = Console(stderr=True)
 out = Console()
 
 SetOption = Annotated[
     list[str] | None,
-    typer.Option("--set", help="Override a field: --set sources.web.uri=data/*.jsonl (repeatable). "
-                 "Relative paths given here are relative to the current directory."),
+    typer.Option(
+        "--set",
+        help="Override a field: --set sources.web.uri=data/*.jsonl (repeatable). "
+        "Relative paths given here are relative to the current directory.",
+    ),
 ]
 
 
@@ -39,9 +45,11 @@ def validate(pipeline: str, set_: SetOption = None) -> None:
     except ConfigError as exc:
         _report(exc)
         raise typer.Exit(1) from None
-    out.print(f"[green]ok[/]: {pipeline}: {len(plan.pipeline.spec.sources)} source(s), "
-              f"{len(plan.stages)} stage(s), {len(plan.pipeline.spec.sinks)} sink(s), "
-              f"{len(plan.segments)} Ray pass(es)")
+    out.print(
+        f"[green]ok[/]: {pipeline}: {len(plan.pipeline.spec.sources)} source(s), "
+        f"{len(plan.stages)} stage(s), {len(plan.pipeline.spec.sinks)} sink(s), "
+        f"{len(plan.segments)} Ray pass(es)"
+    )
 
 
 @app.command()
@@ -49,7 +57,9 @@ def run(
     pipeline: str,
     output: Annotated[str | None, typer.Option("--output", "-o", help="Output folder")] = None,
     set_: SetOption = None,
-    address: Annotated[str | None, typer.Option(help="Ray cluster address; none starts a local Ray")] = None,
+    address: Annotated[
+        str | None, typer.Option(help="Ray cluster address; none starts a local Ray")
+    ] = None,
     num_cpus: Annotated[int | None, typer.Option(help="CPUs of the embedded local Ray")] = None,
 ) -> None:
     """Run a pipeline end to end and print what every stage did."""
@@ -61,28 +71,44 @@ def run(
         _report(exc)
         raise typer.Exit(1) from None
     print_summary(result.manifest)
-    out.print(f"output: {result.output}  (manifest.json, rejects/, "
-              f"{', '.join(result.manifest['outputs'])}/)")
+    out.print(
+        f"output: {result.output}  (manifest.json, rejects/, "
+        f"{', '.join(result.manifest['outputs'])}/)"
+    )
 
 
 def print_summary(manifest: dict[str, Any]) -> None:
     """The per-stage table: rows in, kept, dropped by reason, busy time."""
     seconds = manifest["run"]["stage_seconds"] | manifest["run"].get("global_stage_seconds", {})
     table = Table(title=f"pipeline {manifest['pipeline']['name']}")
-    for column, justify in (("stage", "left"), ("type", "left"), ("rows in", "right"),
-                            ("kept", "right"), ("dropped", "right"), ("drop reasons", "left"),
-                            ("time s", "right")):
+    for column, justify in (
+        ("stage", "left"),
+        ("type", "left"),
+        ("rows in", "right"),
+        ("kept", "right"),
+        ("dropped", "right"),
+        ("drop reasons", "left"),
+        ("time s", "right"),
+    ):
         table.add_column(column, justify=justify)  # type: ignore[arg-type]
     for s in manifest["stages"]:
         reasons = ", ".join(f"{k} {v:,}" for k, v in s["reasons"].items()) or "-"
-        table.add_row(s["name"], s["type"], f"{s['rows_in']:,}", f"{s['kept']:,}",
-                      f"{s['dropped']:,}", reasons, f"{seconds.get(s['name'], 0.0):.2f}")
+        table.add_row(
+            s["name"],
+            s["type"],
+            f"{s['rows_in']:,}",
+            f"{s['kept']:,}",
+            f"{s['dropped']:,}",
+            reasons,
+            f"{seconds.get(s['name'], 0.0):.2f}",
+        )
     out.print(table)
     for sink, files in manifest["outputs"].items():
         rows = sum(f["rows"] for f in files)
         size = sum(f["bytes"] for f in files)
         out.print(f"sink {sink}: {rows:,} rows in {len(files)} shard(s), {size / 2**20:.2f} MiB")
-    out.print(f"rejects: {manifest['rejects']['rows']:,} rows; wall time {manifest['run']['seconds']:.1f} s")
+    rejects, wall = manifest["rejects"]["rows"], manifest["run"]["seconds"]
+    out.print(f"rejects: {rejects:,} rows; wall time {wall:.1f} s")
 
 
 @app.command()

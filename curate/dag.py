@@ -78,7 +78,9 @@ def _consumers(pipeline: Pipeline) -> dict[str, list[str]]:
     return users
 
 
-def _topo_order(pipeline: Pipeline, issues: list[Issue], line: Callable[[Loc, str], Issue]) -> list[str]:
+def _topo_order(
+    pipeline: Pipeline, issues: list[Issue], line: Callable[[Loc, str], Issue]
+) -> list[str]:
     """Stages in dependency order; cycles become issues."""
     order: list[str] = []
     state: dict[str, int] = {}
@@ -87,7 +89,7 @@ def _topo_order(pipeline: Pipeline, issues: list[Issue], line: Callable[[Loc, st
         if state.get(name) == 2 or name in pipeline.spec.sources:
             return
         if state.get(name) == 1:
-            cycle = " -> ".join([*trail[trail.index(name):], name])
+            cycle = " -> ".join([*trail[trail.index(name) :], name])
             issues.append(line(("stages", name, "input"), f"cycle in the graph: {cycle}"))
             return
         state[name] = 1
@@ -116,7 +118,9 @@ def _source_columns(pipeline: Pipeline, name: str, shards: list[Shard]) -> dict[
     return columns
 
 
-def _check_inputs(pipeline: Pipeline, issues: list[Issue], line: Callable[[Loc, str], Issue]) -> None:
+def _check_inputs(
+    pipeline: Pipeline, issues: list[Issue], line: Callable[[Loc, str], Issue]
+) -> None:
     known = set(pipeline.spec.sources) | set(pipeline.stages)
     for name, bound in pipeline.stages.items():
         for parent in bound.inputs:
@@ -131,7 +135,9 @@ def _unknown(name: str, known: set[str]) -> str:
     return f"expected the name of a source or stage ({', '.join(sorted(known))}), got {name!r}"
 
 
-def _check_columns(plan: Plan, order: list[str], issues: list[Issue], line: Callable[[Loc, str], Issue]) -> None:
+def _check_columns(
+    plan: Plan, order: list[str], issues: list[Issue], line: Callable[[Loc, str], Issue]
+) -> None:
     for name in order:
         bound = plan.pipeline.stages[name]
         parents = [plan.columns.get(p) for p in bound.inputs]
@@ -158,12 +164,16 @@ def _check_dependencies(plan: Plan, issues: list[Issue], line: Callable[[Loc, st
         for req in type(stage).requires:
             if req.missing():
                 issues.append(
-                    line(("stages", name, "type"),
-                         f"needs the Python module {req.module!r}: pip install {req.pip}")
+                    line(
+                        ("stages", name, "type"),
+                        f"needs the Python module {req.module!r}: pip install {req.pip}",
+                    )
                 )
 
 
-def _check_unused(pipeline: Pipeline, issues: list[Issue], line: Callable[[Loc, str], Issue]) -> None:
+def _check_unused(
+    pipeline: Pipeline, issues: list[Issue], line: Callable[[Loc, str], Issue]
+) -> None:
     for node, users in _consumers(pipeline).items():
         if not users:
             section = "sources" if node in pipeline.spec.sources else "stages"
@@ -202,7 +212,8 @@ def _cut_segments(plan: Plan, order: list[str]) -> None:
     def must_materialize(node: str) -> bool:
         stage_users = [u for u in users[node] if not u.startswith("sink:")]
         return len(users[node]) > 1 or any(
-            plan.stages[u].kind == "global" or len(pipeline.stages[u].inputs) > 1 for u in stage_users
+            plan.stages[u].kind == "global" or len(pipeline.stages[u].inputs) > 1
+            for u in stage_users
         )
 
     plan.materialized = {n for n in users if users[n] and must_materialize(n)}
@@ -248,7 +259,9 @@ def _segments_from(
     out = [segment]
     if sink_segment:
         out.append(
-            Segment(index + 1, (tail,), None, (), tuple(("sink", s) for s in _sinks_of(users, tail)))
+            Segment(
+                index + 1, (tail,), None, (), tuple(("sink", s) for s in _sinks_of(users, tail))
+            )
         )
     return out
 

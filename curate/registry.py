@@ -21,7 +21,7 @@ ENTRY_POINT_GROUP = "curate.stages"
 
 _refs: dict[str, str] = {}
 _classes: dict[str, type[Stage]] = {}
-_loaded_builtins = False
+_state = {"loaded": False}
 
 
 class RegistryError(LookupError):
@@ -36,15 +36,14 @@ def _add_ref(name: str, ref: str) -> None:
 
 
 def _ensure_loaded() -> None:
-    global _loaded_builtins
-    if _loaded_builtins:
+    if _state["loaded"]:
         return
     builtins: dict[str, str] = importlib.import_module("curate.stages").BUILTIN_STAGES
     for name, ref in builtins.items():
         _add_ref(name, ref)
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         _add_ref(ep.name, ep.value)
-    _loaded_builtins = True
+    _state["loaded"] = True
 
 
 def register_stage(name: str) -> Callable[[type[Stage]], type[Stage]]:

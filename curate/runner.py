@@ -14,6 +14,7 @@ are written per unit; the next segment applies them while reading the unit.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -45,7 +46,16 @@ from curate.lineage.accounting import (
     with_reports,
     write_rejects,
 )
-from curate.stage import DECISION_SCHEMA, POS, UNIT, Annotator, Filter, Stage
+from curate.stage import DECISION_SCHEMA, POS, UNIT, Annotator, Filter, GlobalStage, Stage
+
+
+def cluster_resources() -> dict[str, float]:
+    """Total resources of the connected Ray cluster."""
+    return dict(ray.cluster_resources())  # type: ignore[no-untyped-call]
+
+
+def cluster_nodes() -> int:
+    return len(ray.nodes())  # type: ignore[no-untyped-call]
 
 
 @dataclass(frozen=True)
@@ -75,8 +85,19 @@ def _load_rows(task: UnitRead, layout: Layout, start: float) -> pa.Table:
         written = write_rejects(layout.rejects(task.unit.source, task.unit.index), rejects)
         reports = [{"kind": "input", **vars(i)} for i in inputs]
         rows_in = table.num_rows + rejects.num_rows
-        reports.append({**stage_report(task.unit.source, task.unit.index, rows_in, rejects,
-                                       time.perf_counter() - start, written), "kind": "source"})
+        reports.append(
+            {
+                **stage_report(
+                    task.unit.source,
+                    task.unit.index,
+                    rows_in,
+                    rejects,
+                    time.perf_counter() - start,
+                    written,
+                ),
+                "kind": "source",
+            }
+        )
         return with_reports(table, reports)
     assert task.node is not None
     columns = list(task.columns) if task.columns else None
@@ -87,7 +108,9 @@ def _load_rows(task: UnitRead, layout: Layout, start: float) -> pa.Table:
     return _apply_decisions(table, task.apply, task.unit.index, layout, start)
 
 
-def _apply_decisions(table: pa.Table, stage: str, unit: int, layout: Layout, start: float) -> pa.Table:
+def _apply_decisions(
+    table: pa.Table, stage: str, unit: int, layout: Layout, start: float
+) -> pa.Table:
     path = layout.decisions(stage, unit)
     decisions = pq.read_table(path) if os.path.exists(path) else DECISION_SCHEMA.empty_table()
     dropped_pos = decisions.column(POS).to_numpy()
@@ -96,14 +119,20 @@ def _apply_decisions(table: pa.Table, stage: str, unit: int, layout: Layout, sta
         raise AccountingError(f"{stage}: decisions for unit {unit} name rows that do not exist")
     kept, dropped = split_by_mask(table, keep)
     order = pc.index_in(dropped.column(POS), decisions.column(POS))
-    rejects = build_rejects(stage, dropped, pc.take(decisions.column("reason"), order),
-                            pc.take(decisions.column("value"), order))
+    rejects = build_rejects(
+        stage,
+        dropped,
+        pc.take(decisions.column("reason"), order),
+        pc.take(decisions.column("value"), order),
+    )
     written = write_rejects(layout.rejects(stage, unit), rejects)
-    report = stage_report(stage, unit, table.num_rows, rejects, time.perf_counter() - start, written)
+    report = stage_report(
+        stage, unit, table.num_rows, rejects, time.perf_counter() - start, written
+    )
     return with_reports(kept, [report])
 
 
-class UnitDatasource(Datasource):  # type: ignore[misc]
+class UnitDatasource(Datasource):
     """One read task and one block per unit, in unit order."""
 
     def __init__(self, reads: Sequence[UnitRead], layout: Layout) -> None:
@@ -113,7 +142,12 @@ class UnitDatasource(Datasource):  # type: ignore[misc]
     def estimate_inmemory_data_size(self) -> int | None:
         return None
 
-    def get_read_tasks(self, parallelism: int, **_: Any) -> list[ReadTask]:
+    def get_read_tasks(
+        self,
+        parallelism: int,
+        per_task_row_limit: int | None = None,
+        data_context: ray.data.DataContext | None = None,
+    ) -> list[ReadTask]:
         tasks = []
         for read in self.reads:
             meta = BlockMetadata(num_rows=None, size_bytes=None, input_files=None, exec_stats=None)
@@ -139,9 +173,7 @@ def with_trailer(table: pa.Table, unit: int) -> pa.Table:
     its reports.  The trailer keeps every unit block non-empty; stages never
     see it (:func:`split_trailer`), and writers drop it.
     """
-    columns = {
-        f.name: pa.nulls(1, f.type) for f in table.schema if f.name not in (UNIT, POS)
-    }
+    columns = {f.name: pa.nulls(1, f.type) for f in table.schema if f.name not in (UNIT, POS)}
     columns[UNIT] = pa.array([unit], pa.int64())
     columns[POS] = pa.array([TRAILER_POS], pa.int64())
     trailer = pa.table(columns, schema=table.schema.remove_metadata())
@@ -163,14 +195,17 @@ def split_trailer(block: pa.Table) -> tuple[pa.Table, int, list[dict[str, Any]]]
     return live, int(units[0]), reports
 
 
-def run_stage(name: str, stage: Stage, batch_size: int | None, unit: int, layout: Layout,
-              block: pa.Table) -> tuple[pa.Table, dict[str, Any]]:
+def run_stage(
+    name: str, stage: Stage, batch_size: int | None, unit: int, layout: Layout, block: pa.Table
+) -> tuple[pa.Table, dict[str, Any]]:
     """Run one map stage on a unit's rows; write its rejects; return kept rows and report."""
     start = time.perf_counter()
     rows_in = block.num_rows
-    slices = [block] if not batch_size else [
-        block.slice(i, batch_size) for i in range(0, max(rows_in, 1), batch_size)
-    ]
+    slices = (
+        [block]
+        if not batch_size
+        else [block.slice(i, batch_size) for i in range(0, max(rows_in, 1), batch_size)]
+    )
     kept_parts, reject_parts = [], []
     for part in slices:
         kept, rejects = _run_one(name, stage, part)
@@ -186,12 +221,16 @@ def _run_one(name: str, stage: Stage, part: pa.Table) -> tuple[pa.Table, pa.Tabl
     if isinstance(stage, Annotator):
         out = stage.process_batch(part)
         if out.num_rows != part.num_rows:
-            raise AccountingError(f"annotator {name!r} changed the row count {part.num_rows} -> {out.num_rows}")
+            raise AccountingError(
+                f"annotator {name!r} changed the row count {part.num_rows} -> {out.num_rows}"
+            )
         return out, build_rejects(name, part.slice(0, 0), pa.array([], pa.string()), None)
     if isinstance(stage, Filter):
         verdict = stage.decide(part)
         if len(verdict.keep) != part.num_rows:
-            raise AccountingError(f"filter {name!r} decided {len(verdict.keep)} of {part.num_rows} rows")
+            raise AccountingError(
+                f"filter {name!r} decided {len(verdict.keep)} of {part.num_rows} rows"
+            )
         kept, dropped = split_by_mask(part, verdict.keep)
         drop_mask = pa.array(~verdict.keep)
         value = verdict.value.filter(drop_mask) if verdict.value is not None else None
@@ -211,8 +250,13 @@ class Target:
     columns: dict[str, pa.DataType] | None = None
 
 
-def write_targets(block: pa.Table, unit: int, targets: Sequence[Target], layout: Layout,
-                  reports: list[dict[str, Any]]) -> pa.Table:
+def write_targets(
+    block: pa.Table,
+    unit: int,
+    targets: Sequence[Target],
+    layout: Layout,
+    reports: list[dict[str, Any]],
+) -> pa.Table:
     """Write a unit to every target; return its reports as one row."""
     block = block.replace_schema_metadata(None)
     for target in targets:
@@ -221,11 +265,26 @@ def write_targets(block: pa.Table, unit: int, targets: Sequence[Target], layout:
             write_parquet_atomic(table, layout.work(target.name, unit), "zstd")
             continue
         assert target.sink is not None
-        for f in write_sink(block, layout, target.name, unit, target.shard_bytes,
-                            target.sink.compression, target.sink.columns):
-            reports.append({"kind": "output", "sink": target.name, "unit": unit,
-                            "path": layout.relative(f.path), "rows": f.rows,
-                            "bytes": f.bytes, "sha256": f.sha256})
+        for f in write_sink(
+            block,
+            layout,
+            target.name,
+            unit,
+            target.shard_bytes,
+            target.sink.compression,
+            target.sink.columns,
+        ):
+            reports.append(
+                {
+                    "kind": "output",
+                    "sink": target.name,
+                    "unit": unit,
+                    "path": layout.relative(f.path),
+                    "rows": f.rows,
+                    "bytes": f.bytes,
+                    "sha256": f.sha256,
+                }
+            )
     return pa.table({"unit": [unit], "reports": [json.dumps(reports)]})
 
 
@@ -239,8 +298,9 @@ def planned_empty(have: pa.Schema, planned: dict[str, pa.DataType]) -> pa.Table:
 class StageGroup:
     """A fused chain of map stages in one actor; the last group also writes."""
 
-    def __init__(self, stages: list[BoundStage], seed: int, layout: Layout,
-                 targets: list[Target]) -> None:
+    def __init__(
+        self, stages: list[BoundStage], seed: int, layout: Layout, targets: list[Target]
+    ) -> None:
         self.stages = [(b.name, instantiate(b, seed), b.resources.batch_size) for b in stages]
         for _, stage, _ in self.stages:
             stage.setup()
@@ -279,15 +339,20 @@ class Runner:
         units: dict[str, list[Unit]] = {}
         first = 0
         for name in self.plan.pipeline.spec.sources:
-            units[name] = plan_units(name, self.plan.shards[name], int(self.execution.unit_bytes), first)
+            units[name] = plan_units(
+                name, self.plan.shards[name], int(self.execution.unit_bytes), first
+            )
             first += len(units[name])
         return units
 
     def node_units(self, node: str) -> list[Unit]:
         if node in self.units:
             return self.units[node]
-        found = {u.index: u for parent in self.plan.pipeline.stages[node].inputs
-                 for u in self.node_units(parent)}
+        found = {
+            u.index: u
+            for parent in self.plan.pipeline.stages[node].inputs
+            for u in self.node_units(parent)
+        }
         return [found[i] for i in sorted(found)]
 
     def run(self) -> None:
@@ -318,9 +383,10 @@ class Runner:
         return out
 
     def _dataset(self, reads: list[UnitRead]) -> ray.data.Dataset:
-        return ray.data.read_datasource(
+        ds: ray.data.Dataset = ray.data.read_datasource(
             UnitDatasource(reads, self.layout), override_num_blocks=max(len(reads), 1)
         )
+        return ds
 
     def _run_segment(self, segment: Segment) -> None:
         reads = self._reads(segment)
@@ -334,16 +400,24 @@ class Runner:
             last = i == len(groups) - 1
             ds = ds.map_batches(
                 StageGroup,
-                fn_constructor_args=(bound, self.plan.pipeline.spec.seed, self.layout,
-                                     targets if last else []),
+                fn_constructor_args=(
+                    bound,
+                    self.plan.pipeline.spec.seed,
+                    self.layout,
+                    targets if last else [],
+                ),
                 batch_size=None,
                 batch_format="pyarrow",
                 zero_copy_batch=True,
                 **_ray_args(bound[0], len(reads), len(groups)),
             )
         if not groups:
-            ds = ds.map_batches(_write_only, fn_kwargs={"targets": targets, "layout": self.layout},
-                                batch_size=None, batch_format="pyarrow", zero_copy_batch=True)
+            ds = ds.map_batches(
+                functools.partial(_write_only, targets=targets, layout=self.layout),
+                batch_size=None,
+                batch_format="pyarrow",
+                zero_copy_batch=True,
+            )
         for row in ds.take_all():
             self.reports.extend(json.loads(row["reports"]))
         for kind, name in segment.targets:
@@ -353,15 +427,16 @@ class Runner:
     def _run_global(self, name: str) -> None:
         start = time.perf_counter()
         stage = self.plan.stages[name]
+        assert isinstance(stage, GlobalStage)
         stage.setup()
         columns = (UNIT, POS, "id", *stage.reads())
         inputs = self.plan.pipeline.stages[name].inputs
         reads = self._reads(Segment(-1, inputs, None, (), ()), columns)
         decisions = stage.plan(self._dataset(reads))
-        layout = self.layout
         partitions = max(1, min(len(reads), 64))
         written = decisions.groupby(UNIT, num_partitions=partitions).map_groups(
-            _write_decisions, fn_kwargs={"stage": name, "layout": layout}, batch_format="pyarrow"
+            functools.partial(_write_decisions, stage=name, layout=self.layout),
+            batch_format="pyarrow",
         )
         written.materialize()
         self.global_seconds[name] = time.perf_counter() - start
@@ -388,7 +463,9 @@ def _ray_args(bound: BoundStage, n_units: int, n_groups: int) -> dict[str, Any]:
         low, high = res.concurrency
         args["compute"] = ray.data.ActorPoolStrategy(min_size=low, max_size=high)
     else:
-        cpus = float(ray.cluster_resources().get("CPU", 1))
+        cpus = cluster_resources().get("CPU", 1.0)
         per_group = max(1, int(cpus / max(res.num_cpus, 0.01) / n_groups))
-        args["compute"] = ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, min(per_group, n_units)))
+        args["compute"] = ray.data.ActorPoolStrategy(
+            min_size=1, max_size=max(1, min(per_group, n_units))
+        )
     return args

@@ -67,19 +67,23 @@ class ExactDedup(GlobalStage):
 
     def plan(self, keys: ray.data.Dataset) -> ray.data.Dataset:
         hashed = keys.map_batches(self.hash_batch, batch_format="pyarrow")
-        return hashed.groupby(PART, num_partitions=self.config.num_partitions).map_groups(self.reduce_partition, batch_format="pyarrow")
+        return hashed.groupby(PART, num_partitions=self.config.num_partitions).map_groups(
+            self.reduce_partition, batch_format="pyarrow"
+        )
 
     def hash_batch(self, batch: pa.Table) -> pa.Table:
         cfg = self.config
         hi, lo = hash128(normalize(batch.column("text"), cfg.lowercase, cfg.collapse_whitespace))
-        return pa.table({
-            UNIT: batch.column(UNIT),
-            POS: batch.column(POS),
-            "id": batch.column("id"),
-            "h_hi": hi,
-            "h_lo": lo,
-            PART: (lo % np.uint64(cfg.num_partitions)).astype(np.int64),
-        })
+        return pa.table(
+            {
+                UNIT: batch.column(UNIT),
+                POS: batch.column(POS),
+                "id": batch.column("id"),
+                "h_hi": hi,
+                "h_lo": lo,
+                PART: (lo % np.uint64(cfg.num_partitions)).astype(np.int64),
+            }
+        )
 
     def reduce_partition(self, part: pa.Table) -> pa.Table:
         order = [(UNIT, "ascending"), (POS, "ascending")]
@@ -94,9 +98,12 @@ class ExactDedup(GlobalStage):
         kept_id = pc.take(part.column("id"), pa.array(run_start))
         dropped = pa.array(~first)
         kept_id = pc.filter(kept_id, dropped)
-        return pa.table({
-            UNIT: pc.filter(part.column(UNIT), dropped),
-            POS: pc.filter(part.column(POS), dropped),
-            "reason": pc.binary_join_element_wise("exact_duplicate:", kept_id, ""),
-            "value": kept_id,
-        }, schema=DECISION_SCHEMA)
+        return pa.table(
+            {
+                UNIT: pc.filter(part.column(UNIT), dropped),
+                POS: pc.filter(part.column(POS), dropped),
+                "reason": pc.binary_join_element_wise("exact_duplicate:", kept_id, ""),
+                "value": kept_id,
+            },
+            schema=DECISION_SCHEMA,
+        )

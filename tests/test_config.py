@@ -58,7 +58,8 @@ def test_every_error_reported_with_file_line_and_path(pipeline_file: Callable[[s
         load_pipeline(path)
     lines = str(info.value).splitlines()
     expected = {
-        2: "seed: expected a valid integer, unable to parse string as an integer, got 'not-a-number'",
+        2: "seed: expected a valid integer, unable to parse string as an integer, "
+        "got 'not-a-number'",
         6: "sources.docs.colour: unknown key 'colour'",
         9: "stages.stats.type: unknown stage type 'text_stat'; did you mean 'text_stats'",
         12: "stages.length.min_words: expected a valid integer",
@@ -68,7 +69,9 @@ def test_every_error_reported_with_file_line_and_path(pipeline_file: Callable[[s
     assert len(lines) == len(expected), lines
     for line_no, text in expected.items():
         assert any(line.startswith(f"{path}:{line_no}: ") and text in line for line in lines), (
-            line_no, lines)
+            line_no,
+            lines,
+        )
 
 
 def test_duplicate_keys_are_errors(pipeline_file: Callable[[str], Path]) -> None:
@@ -93,15 +96,19 @@ def test_invalid_yaml_syntax_has_a_line(pipeline_file: Callable[[str], Path]) ->
 
 
 def test_overrides_set_any_field(pipeline_file: Callable[[str], Path], tmp_path: Path) -> None:
-    p = load_pipeline(pipeline_file(GOOD), ["stages.length.min_words=50", "seed=7",
-                                            "sources.docs.uri=other/*.jsonl"])
+    p = load_pipeline(
+        pipeline_file(GOOD),
+        ["stages.length.min_words=50", "seed=7", "sources.docs.uri=other/*.jsonl"],
+    )
     assert p.stages["length"].config.model_dump()["min_words"] == 50
     assert p.spec.seed == 7
     assert p.spec.sources["docs"].uri == str(Path("other/*.jsonl").absolute())
 
 
 def test_override_errors_name_the_command_line(pipeline_file: Callable[[str], Path]) -> None:
-    with pytest.raises(ConfigError, match=r"--set: stages.length.min_words: expected a valid integer"):
+    with pytest.raises(
+        ConfigError, match=r"--set: stages.length.min_words: expected a valid integer"
+    ):
         load_pipeline(pipeline_file(GOOD), ["stages.length.min_words=lots"])
     with pytest.raises(ConfigError, match="expected KEY=VALUE"):
         parse_override("no-equals-sign")
@@ -109,14 +116,21 @@ def test_override_errors_name_the_command_line(pipeline_file: Callable[[str], Pa
 
 def test_stage_config_cross_field_check(pipeline_file: Callable[[str], Path]) -> None:
     bad = GOOD.replace("min_words: 3", "min_words: 30\n    max_words: 3")
-    with pytest.raises(ConfigError, match=r"pipe.yaml:6: stages.length: expected min_words \(30\) must not exceed"):
+    with pytest.raises(
+        ConfigError, match=r"pipe.yaml:6: stages.length: expected min_words \(30\) must not exceed"
+    ):
         load_pipeline(pipeline_file(bad))
 
 
 def test_cli_validate_prints_all_errors_and_fails(pipeline_file: Callable[[str], Path]) -> None:
     path = pipeline_file(BROKEN)
-    proc = subprocess.run([sys.executable, "-m", "curate.cli", "validate", str(path)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "curate.cli", "validate", str(path)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 1
     assert "6 problem(s) found" in proc.stderr
     assert f"{path}:13: stages.length.max_wrds" in proc.stderr.replace("\n", "")

@@ -35,7 +35,10 @@ def test_good_lines_keep_provenance_and_declared_columns(tmp_path: Path) -> None
     table, rejects = read(p)
     assert rejects.num_rows == 0
     assert table.column_names == ["id", "text", "provenance", "url", "n", "source", "_unit", "_pos"]
-    assert table.column("provenance").to_pylist() == [{"uri": "a.jsonl", "row": 0}, {"uri": "a.jsonl", "row": 1}]
+    assert table.column("provenance").to_pylist() == [
+        {"uri": "a.jsonl", "row": 0},
+        {"uri": "a.jsonl", "row": 1},
+    ]
     assert table.column("n").to_pylist() == [3, None]
     assert table.column("id")[0].as_py() != table.column("id")[1].as_py()
 
@@ -72,7 +75,10 @@ def test_wrong_declared_type_is_quarantined(tmp_path: Path) -> None:
     p = tmp_path / "a.jsonl"
     p.write_text('{"text": "t", "n": "seven"}\n')
     _, rejects = read(p)
-    assert one_reject(rejects)["reason"] == "bad_column:a.jsonl line 1: 'n': expected an integer, got 'seven'"
+    assert (
+        one_reject(rejects)["reason"]
+        == "bad_column:a.jsonl line 1: 'n': expected an integer, got 'seven'"
+    )
 
 
 def test_empty_file_reads_as_zero_rows(tmp_path: Path) -> None:
@@ -101,7 +107,9 @@ def test_parquet_null_text_and_missing_column(tmp_path: Path) -> None:
     pq.write_table(pa.table({"body": ["a", "b"]}), q)
     table, rejects = read(q, SourceSpec(uri="*"))
     assert table.num_rows == 0
-    assert set(rejects.column("reason").to_pylist()) == {"missing_column:b.parquet: no column 'text'"}
+    assert set(rejects.column("reason").to_pylist()) == {
+        "missing_column:b.parquet: no column 'text'"
+    }
 
 
 def test_unreadable_parquet_is_a_clear_error(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ from curate import registry
 from curate.api import check
 from curate.config import ConfigError
 
-PLUGIN = '''
+PLUGIN = """
 from typing import ClassVar
 import pyarrow as pa
 from curate.registry import register_stage
@@ -42,24 +42,30 @@ class Upper(Annotator):
 @register_stage("needs_missing_module")
 class NeedsMissing(Upper):
     requires = (Requirement("surely_not_installed_xyz", "surely-not-installed-xyz==1.0"),)
-'''
+"""
 
 
 @pytest.fixture
 def plugin_dir(tmp_path: Path) -> Iterator[Path]:
     """A real plugin module and a real installed distribution with an entry point."""
     (tmp_path / "my_plugin.py").write_text(PLUGIN)
-    (tmp_path / "ep_stages.py").write_text(PLUGIN.replace("upper_case", "ep_upper").replace(
-        '@register_stage("needs_missing_module")', "").replace("from curate.registry import register_stage", "def register_stage(n):\n    return lambda c: c"))
+    (tmp_path / "ep_stages.py").write_text(
+        PLUGIN.replace("upper_case", "ep_upper")
+        .replace('@register_stage("needs_missing_module")', "")
+        .replace(
+            "from curate.registry import register_stage",
+            "def register_stage(n):\n    return lambda c: c",
+        )
+    )
     dist = tmp_path / "ep_stages-1.0.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: ep-stages\nVersion: 1.0\n")
     (dist / "entry_points.txt").write_text("[curate.stages]\nep_upper = ep_stages:Upper\n")
     sys.path.insert(0, str(tmp_path))
-    saved = (dict(registry._refs), dict(registry._classes), registry._loaded_builtins)
+    saved = (dict(registry._refs), dict(registry._classes), registry._state["loaded"])
     registry._refs.clear()
     registry._classes.clear()
-    registry._loaded_builtins = False
+    registry._state["loaded"] = False
     try:
         yield tmp_path
     finally:
@@ -70,7 +76,7 @@ def plugin_dir(tmp_path: Path) -> Iterator[Path]:
         registry._refs.update(saved[0])
         registry._classes.clear()
         registry._classes.update(saved[1])
-        registry._loaded_builtins = saved[2]
+        registry._state["loaded"] = saved[2]
 
 
 def test_builtins_are_known_and_lazy() -> None:
@@ -88,15 +94,23 @@ def test_entry_point_stage_is_found(plugin_dir: Path) -> None:
     assert cls.__module__ == "ep_stages"
 
 
-def test_plugin_module_named_in_yaml_registers(plugin_dir: Path, pipeline_file: Callable[[str], Path]) -> None:
+def test_plugin_module_named_in_yaml_registers(
+    plugin_dir: Path, pipeline_file: Callable[[str], Path]
+) -> None:
     (plugin_dir / "d.jsonl").write_text('{"text": "a"}\n')
-    plan = check(str(pipeline_file(textwrap.dedent("""\
+    plan = check(
+        str(
+            pipeline_file(
+                textwrap.dedent("""\
         name: p
         plugins: [my_plugin]
         sources: {docs: {uri: d.jsonl}}
         stages: {up: {type: upper_case}}
         sinks: {out: {input: up}}
-    """))))
+    """)
+            )
+        )
+    )
     assert plan.columns["up"]["upper"].equals(__import__("pyarrow").string())
 
 
@@ -127,7 +141,9 @@ sinks:
 """
 
 
-def test_dag_errors_all_reported_together(plugin_dir: Path, pipeline_file: Callable[[str], Path]) -> None:
+def test_dag_errors_all_reported_together(
+    plugin_dir: Path, pipeline_file: Callable[[str], Path]
+) -> None:
     (plugin_dir / "d.jsonl").write_text('{"text": "a"}\n')
     path = pipeline_file(DAG_ERRORS)
     with pytest.raises(ConfigError) as info:
@@ -162,7 +178,9 @@ sinks:
 """
 
 
-def test_segments_fuse_and_materialize(tmp_path: Path, pipeline_file: Callable[[str], Path]) -> None:
+def test_segments_fuse_and_materialize(
+    tmp_path: Path, pipeline_file: Callable[[str], Path]
+) -> None:
     (tmp_path / "d.jsonl").write_text('{"text": "a"}\n')
     plan = check(str(pipeline_file(BRANCHY)))
     seg = [(s.inputs, s.apply, s.groups, s.targets) for s in plan.segments]

@@ -121,9 +121,7 @@ def _resolve_inputs(specs: dict[str, StageSpec], sources: list[str]) -> dict[str
     return out
 
 
-def _bind_stages(
-    spec: PipelineSpec, pos: Positions, issues: list[Issue]
-) -> dict[str, BoundStage]:
+def _bind_stages(spec: PipelineSpec, pos: Positions, issues: list[Issue]) -> dict[str, BoundStage]:
     bound: dict[str, BoundStage] = {}
     inputs = _resolve_inputs(spec.stages, list(spec.sources))
     for name, stage in spec.stages.items():
@@ -153,7 +151,9 @@ def _check_names(spec: PipelineSpec, pos: Positions, issues: list[Issue]) -> Non
     for section in ("sources", "stages", "sinks"):
         for name in getattr(spec, section):
             if name in seen:
-                issues.append(pos.issue((section, name), f"name {name!r} is already a {seen[name]}"))
+                issues.append(
+                    pos.issue((section, name), f"name {name!r} is already a {seen[name]}")
+                )
             seen.setdefault(name, section[:-1])
 
 

@@ -78,7 +78,9 @@ def list_shards(uris: str | list[str], base_dir: Path) -> list[Shard]:
             raise InputError(f"{written}: no file matches (looked for {pattern})")
         for match in matches:
             for path in _files_under(Path(match)):
-                shards[str(path)] = Shard(_display(path, base_dir, written), str(path), path.stat().st_size)
+                shards[str(path)] = Shard(
+                    _display(path, base_dir, written), str(path), path.stat().st_size
+                )
     return [shards[k] for k in sorted(shards)]
 
 

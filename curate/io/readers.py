@@ -209,8 +209,9 @@ class ParquetParser:
             raise InputError(f"{shard.uri}: not a readable Parquet file: {exc}") from exc
         n = table.num_rows
         rows = pa.array(np.arange(n, dtype=np.int64))
-        prov = pa.StructArray.from_arrays([pa.array([shard.uri] * n, pa.string()), rows],
-                                          fields=list(PROVENANCE))
+        prov = pa.StructArray.from_arrays(
+            [pa.array([shard.uri] * n, pa.string()), rows], fields=list(PROVENANCE)
+        )
         reason = self._reasons(table, shard.uri)
         bad = pc.is_valid(reason)
         rejects = self._rejects(table, shard.uri, reason, prov, bad)
@@ -269,14 +270,22 @@ class ParquetParser:
         else:
             texts = text.to_pylist()
             ids = pa.array(
-                [record_id(self.name, uri, int(r), t) for r, t in zip(rows.to_pylist(), texts, strict=True)],
+                [
+                    record_id(self.name, uri, int(r), t)
+                    for r, t in zip(rows.to_pylist(), texts, strict=True)
+                ],
                 pa.string(),
             )
         out = {"id": ids, "text": text}
-        keep = self.spec.columns or {c: None for c in table.column_names}
+        keep: dict[str, ColumnType | None] = dict(self.spec.columns or {}) or dict.fromkeys(
+            table.column_names
+        )
         for column, kind in keep.items():
-            if column in out or column in RESERVED_COLUMNS or column in (
-                self.spec.text_column, self.spec.id_column):
+            if (
+                column in out
+                or column in RESERVED_COLUMNS
+                or column in (self.spec.text_column, self.spec.id_column)
+            ):
                 continue
             array = table.column(column)
             out[column] = pc.cast(array, ARROW_TYPES[kind]) if kind else array
@@ -294,14 +303,18 @@ def read_unit(unit: Unit, spec: SourceSpec) -> tuple[pa.Table, pa.Table, list[In
         table, bad = _read_shard(unit, spec, shard, data)
         tables.append(table)
         rejects.append(bad)
-        inputs.append(InputInfo(unit.source, shard.uri, len(data), digest, table.num_rows + bad.num_rows))
+        inputs.append(
+            InputInfo(unit.source, shard.uri, len(data), digest, table.num_rows + bad.num_rows)
+        )
     merged = pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({})
     merged = merged.append_column(UNIT, pa.array(np.full(merged.num_rows, unit.index, np.int64)))
     merged = merged.append_column(POS, pa.array(np.arange(merged.num_rows, dtype=np.int64)))
     return merged, pa.concat_tables(rejects), inputs
 
 
-def _read_shard(unit: Unit, spec: SourceSpec, shard: Shard, data: bytes) -> tuple[pa.Table, pa.Table]:
+def _read_shard(
+    unit: Unit, spec: SourceSpec, shard: Shard, data: bytes
+) -> tuple[pa.Table, pa.Table]:
     fmt = spec.format or infer_format(shard.path)
     if fmt == "parquet":
         table, bad = ParquetParser(unit.source, spec).read(shard, data)
@@ -325,13 +338,18 @@ def _ordered(table: pa.Table, spec: SourceSpec) -> pa.Table:
     return table
 
 
-def _jsonl_tables(name: str, spec: SourceSpec, shard: Shard, data: bytes) -> tuple[pa.Table, pa.Table]:
+def _jsonl_tables(
+    name: str, spec: SourceSpec, shard: Shard, data: bytes
+) -> tuple[pa.Table, pa.Table]:
     parsed = JsonlParser(name, spec).parse(shard, data)
     extras = {c: ARROW_TYPES[k] for c, k in (spec.columns or {}).items()}
     schema = pa.schema([("id", pa.string()), ("text", pa.string()), *extras.items()])
     table = pa.Table.from_pylist(parsed.rows, schema=schema)
     prov = pa.StructArray.from_arrays(
-        [pa.array([shard.uri] * len(parsed.rows_pos), pa.string()), pa.array(parsed.rows_pos, pa.int64())],
+        [
+            pa.array([shard.uri] * len(parsed.rows_pos), pa.string()),
+            pa.array(parsed.rows_pos, pa.int64()),
+        ],
         fields=list(PROVENANCE),
     )
     table = table.append_column("provenance", prov)

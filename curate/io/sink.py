@@ -22,8 +22,12 @@ def row_sizes(table: pa.Table) -> np.ndarray[Any, np.dtype[np.int64]]:
     sizes = np.zeros(table.num_rows, dtype=np.int64)
     for column in table.columns:
         kind = column.type
-        if pa.types.is_string(kind) or pa.types.is_binary(kind) or pa.types.is_large_string(kind) \
-                or pa.types.is_large_binary(kind):
+        if (
+            pa.types.is_string(kind)
+            or pa.types.is_binary(kind)
+            or pa.types.is_large_string(kind)
+            or pa.types.is_large_binary(kind)
+        ):
             lengths = pc.fill_null(pc.binary_length(column), 0)
             sizes += lengths.to_numpy().astype(np.int64)
         else:

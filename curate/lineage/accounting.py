@@ -43,7 +43,9 @@ class StageReport:
 
     def check(self) -> StageReport:
         if self.rows_in != self.kept + self.dropped or sum(self.reasons.values()) != self.dropped:
-            raise AccountingError(f"stage {self.stage!r} unit {self.unit}: counts do not balance: {self}")
+            raise AccountingError(
+                f"stage {self.stage!r} unit {self.unit}: counts do not balance: {self}"
+            )
         return self
 
 
@@ -69,12 +71,21 @@ def stage_report(
 ) -> dict[str, Any]:
     """Check and describe what ``stage`` did to ``unit``."""
     reasons = Counter(reason_category(r) for r in rejects.column("reason").to_pylist())
-    report = StageReport(stage, unit, rows_in, rows_in - rejects.num_rows, rejects.num_rows,
-                         dict(sorted(reasons.items())), seconds)
+    report = StageReport(
+        stage,
+        unit,
+        rows_in,
+        rows_in - rejects.num_rows,
+        rejects.num_rows,
+        dict(sorted(reasons.items())),
+        seconds,
+    )
     return {**asdict(report.check()), "rejects_file": rejects_file}
 
 
-def build_rejects(stage: str, dropped: pa.Table, reason: pa.Array, value: pa.Array | None) -> pa.Table:
+def build_rejects(
+    stage: str, dropped: pa.Table, reason: pa.Array, value: pa.Array | None
+) -> pa.Table:
     """Rejects rows (``id, stage, reason, value, provenance``) for the dropped rows."""
     n = dropped.num_rows
     if reason.null_count:
@@ -97,10 +108,16 @@ def write_rejects(path: str, rejects: pa.Table) -> dict[str, Any] | None:
     if not rejects.num_rows:
         return None
     written = write_parquet_atomic(rejects, path)
-    return {"path": written.path, "rows": written.rows, "bytes": written.bytes,
-            "sha256": written.sha256}
+    return {
+        "path": written.path,
+        "rows": written.rows,
+        "bytes": written.bytes,
+        "sha256": written.sha256,
+    }
 
 
-def split_by_mask(table: pa.Table, keep: np.ndarray[Any, np.dtype[np.bool_]]) -> tuple[pa.Table, pa.Table]:
+def split_by_mask(
+    table: pa.Table, keep: np.ndarray[Any, np.dtype[np.bool_]]
+) -> tuple[pa.Table, pa.Table]:
     mask = pa.array(keep, pa.bool_())
     return table.filter(mask), table.filter(pc.invert(mask))

@@ -21,8 +21,17 @@ from curate.io.layout import Layout
 from curate.lineage.accounting import AccountingError
 
 TRACKED_PACKAGES = (
-    "curate", "ray", "pyarrow", "numpy", "pydantic", "torch", "torchvision",
-    "open_clip_torch", "fasttext-numpy2-wheel", "kenlm", "transformers",
+    "curate",
+    "ray",
+    "pyarrow",
+    "numpy",
+    "pydantic",
+    "torch",
+    "torchvision",
+    "open_clip_torch",
+    "fasttext-numpy2-wheel",
+    "kenlm",
+    "transformers",
 )
 
 
@@ -40,10 +49,22 @@ def git_commit() -> str:
     """Commit of the curate source tree, with ``-dirty`` for local changes."""
     here = Path(__file__).resolve().parent
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
-                              text=True, check=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, check=True, timeout=10).stdout
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return head + ("-dirty" if dirty.strip() else "")
@@ -55,8 +76,9 @@ def stage_table(plan: Plan, reports: list[dict[str, Any]]) -> list[dict[str, Any
     for r in reports:
         if r["kind"] not in ("stage", "source"):
             continue
-        t = totals.setdefault(r["stage"], {"rows_in": 0, "kept": 0, "dropped": 0,
-                                           "reasons": defaultdict(int)})
+        t = totals.setdefault(
+            r["stage"], {"rows_in": 0, "kept": 0, "dropped": 0, "reasons": defaultdict(int)}
+        )
         for key in ("rows_in", "kept", "dropped"):
             t[key] += r[key]
         for reason, n in r["reasons"].items():
@@ -67,15 +89,24 @@ def stage_table(plan: Plan, reports: list[dict[str, Any]]) -> list[dict[str, Any
         t = totals.get(name, {"rows_in": 0, "kept": 0, "dropped": 0, "reasons": {}})
         kind = "source" if name in spec.spec.sources else plan.stages[name].kind
         stype = "source" if name in spec.spec.sources else spec.stages[name].type
-        row = {"name": name, "kind": kind, "type": stype, "rows_in": t["rows_in"],
-               "kept": t["kept"], "dropped": t["dropped"], "reasons": dict(sorted(t["reasons"].items()))}
+        row = {
+            "name": name,
+            "kind": kind,
+            "type": stype,
+            "rows_in": t["rows_in"],
+            "kept": t["kept"],
+            "dropped": t["dropped"],
+            "reasons": dict(sorted(t["reasons"].items())),
+        }
         if row["rows_in"] != row["kept"] + row["dropped"]:
             raise AccountingError(f"stage {name!r}: counts do not balance: {row}")
         rows.append(row)
     return rows
 
 
-def _check_flow(plan: Plan, stages: list[dict[str, Any]], outputs: dict[str, list[dict[str, Any]]]) -> None:
+def _check_flow(
+    plan: Plan, stages: list[dict[str, Any]], outputs: dict[str, list[dict[str, Any]]]
+) -> None:
     """Each stage gets exactly what its inputs kept; each sink holds what its input kept."""
     kept = {s["name"]: s["kept"] for s in stages}
     for name, bound in plan.pipeline.stages.items():
@@ -86,33 +117,48 @@ def _check_flow(plan: Plan, stages: list[dict[str, Any]], outputs: dict[str, lis
     for sink, spec in plan.pipeline.spec.sinks.items():
         rows = sum(f["rows"] for f in outputs.get(sink, []))
         if rows != kept[spec.input]:
-            raise AccountingError(f"sink {sink!r} wrote {rows} rows, {spec.input!r} kept {kept[spec.input]}")
+            raise AccountingError(
+                f"sink {sink!r} wrote {rows} rows, {spec.input!r} kept {kept[spec.input]}"
+            )
 
 
-def build_manifest(plan: Plan, layout: Layout, reports: list[dict[str, Any]],
-                   run_info: dict[str, Any]) -> dict[str, Any]:
+def build_manifest(
+    plan: Plan, layout: Layout, reports: list[dict[str, Any]], run_info: dict[str, Any]
+) -> dict[str, Any]:
     inputs = sorted(
-        ({k: r[k] for k in ("source", "uri", "bytes", "sha256", "records")}
-         for r in reports if r["kind"] == "input"),
+        (
+            {k: r[k] for k in ("source", "uri", "bytes", "sha256", "records")}
+            for r in reports
+            if r["kind"] == "input"
+        ),
         key=lambda r: (r["source"], r["uri"]),
     )
     outputs: dict[str, list[dict[str, Any]]] = {s: [] for s in plan.pipeline.spec.sinks}
     for r in sorted((r for r in reports if r["kind"] == "output"), key=lambda r: r["path"]):
         outputs[r["sink"]].append({k: r[k] for k in ("path", "rows", "bytes", "sha256")})
     rejects = sorted(
-        ({**r["rejects_file"], "path": layout.relative(r["rejects_file"]["path"])}
-         for r in reports if r.get("rejects_file")),
+        (
+            {**r["rejects_file"], "path": layout.relative(r["rejects_file"]["path"])}
+            for r in reports
+            if r.get("rejects_file")
+        ),
         key=lambda f: f["path"],
     )
     stages = stage_table(plan, reports)
     _check_flow(plan, stages, outputs)
     return {
         "format": "curate-manifest/1",
-        "pipeline": {"name": plan.pipeline.spec.name, "spec": plan.pipeline.normalized(),
-                     "spec_hash": plan.pipeline.spec_hash()},
+        "pipeline": {
+            "name": plan.pipeline.spec.name,
+            "spec": plan.pipeline.normalized(),
+            "spec_hash": plan.pipeline.spec_hash(),
+        },
         "seed": plan.pipeline.spec.seed,
-        "software": {"git_commit": git_commit(), "python": platform.python_version(),
-                     "packages": package_versions()},
+        "software": {
+            "git_commit": git_commit(),
+            "python": platform.python_version(),
+            "packages": package_versions(),
+        },
         "inputs": inputs,
         "stages": stages,
         "outputs": outputs,

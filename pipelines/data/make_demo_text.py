@@ -33,7 +33,12 @@ def sections(text: str) -> list[tuple[str, str]]:
     out: list[tuple[str, str]] = []
     title, body = "", []
     for i, line in enumerate(lines):
-        if HEADING.match(line) and i > 0 and lines[i - 1].strip() and not HEADING.match(lines[i - 1]):
+        if (
+            HEADING.match(line)
+            and i > 0
+            and lines[i - 1].strip()
+            and not HEADING.match(lines[i - 1])
+        ):
             if body and body[-1].strip() == lines[i - 1].strip():
                 body.pop()
             out.append((title, "\n".join(body).strip()))
@@ -50,14 +55,19 @@ def main() -> None:
     for path in files:
         rel = path.relative_to(SOURCES).as_posix().removesuffix(".rst.txt")
         for k, (title, body) in enumerate(sections(path.read_text(encoding="utf-8"))):
-            docs.append({"url": f"https://docs.python.org/3.11/{rel}.html#s{k}", "title": title,
-                         "text": body})
+            docs.append(
+                {
+                    "url": f"https://docs.python.org/3.11/{rel}.html#s{k}",
+                    "title": title,
+                    "text": body,
+                }
+            )
     docs = docs[:MAX_DOCS]
     OUT.mkdir(parents=True, exist_ok=True)
     per = -(-len(docs) // SHARDS)
     for s in range(SHARDS):
         with gzip.GzipFile(OUT / f"docs-{s:04d}.jsonl.gz", "wb", mtime=0) as handle:
-            for doc in docs[s * per:(s + 1) * per]:
+            for doc in docs[s * per : (s + 1) * per]:
                 handle.write((json.dumps(doc, ensure_ascii=False) + "\n").encode())
     print(f"{len(docs)} documents from {len(files)} files in {SHARDS} shards")
 
