@@ -70,7 +70,7 @@ def plugin_dir(tmp_path: Path) -> Iterator[Path]:
         yield tmp_path
     finally:
         sys.path.remove(str(tmp_path))
-        for mod in ("my_plugin", "ep_stages"):
+        for mod in ("my_plugin", "ep_stages", "readme_stage"):
             sys.modules.pop(mod, None)
         registry._refs.clear()
         registry._refs.update(saved[0])
@@ -191,3 +191,34 @@ def test_segments_fuse_and_materialize(
     assert (("books",), None, (), (("materialize", "books"),)) in seg
     assert seg[-1] == (("dedup", "books"), None, (("both",),), (("sink", "main"),))
     assert plan.materialized == {"length", "heavy", "dedup", "books"}
+
+
+def test_readme_stage_example_runs(plugin_dir: Path, pipeline_file: Callable[[str], Path]) -> None:
+    """The README's 'Writing a stage' example, executed as written."""
+    import pyarrow as pa
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("### Writing a stage") :]
+    code = section[section.index("```python\n") + 10 : section.index("```\n", 10)]
+    (plugin_dir / "readme_stage.py").write_text(code)
+    (plugin_dir / "d.jsonl").write_text('{"text": "a"}\n')
+    plan = check(
+        str(
+            pipeline_file(
+                textwrap.dedent("""\
+        name: readme
+        plugins: [readme_stage]
+        sources: {docs: {uri: d.jsonl}}
+        stages:
+          stats: {type: text_stats}
+          digits: {type: digit_filter, max_fraction: 0.5}
+        sinks: {out: {input: digits}}
+    """)
+            )
+        )
+    )
+    stage = plan.stages["digits"]
+    verdict = stage.decide(pa.table({"text": ["abcd", "a123", ""], "n_chars": [4, 4, 0]}))
+    assert verdict.keep.tolist() == [True, False, True]
+    assert verdict.reason.to_pylist() == [None, "too_many_digits", None]
+    assert verdict.value is not None and verdict.value.to_pylist()[1] == "0.75"
