@@ -15,7 +15,7 @@ $(STAMP): requirements/lock.txt pyproject.toml
 	@touch $@
 
 demo: setup
-	$(BIN)/curate run pipelines/demo_text.yaml --output out/demo_text
+	$(BIN)/curate run pipelines/demo_text.yaml --output out/demo_text --overwrite
 
 lint: setup
 	$(BIN)/ruff check .

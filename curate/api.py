@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from curate.config.load import Pipeline, load_pipeline
 from curate.dag import Plan, build_plan
 from curate.lineage.manifest import build_manifest, stage_seconds, write_manifest
-from curate.runner import Runner, cluster_nodes, cluster_resources
+from curate.runner import Runner, cluster_nodes, cluster_resources, ray_version
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,29 @@ def output_dir(pipeline: Pipeline, output: str | None) -> str:
     if pipeline.spec.output is not None:
         return os.path.abspath(pipeline.base_dir / pipeline.spec.output)
     return os.path.abspath(os.path.join("out", pipeline.spec.name))
+
+
+class OutputExistsError(FileExistsError):
+    """The output folder holds files; a run never mixes its shards with older ones."""
+
+
+def prepare_output(out: str, overwrite: bool) -> None:
+    """Refuse a non-empty output folder, or with ``overwrite`` empty one that holds a run."""
+    root = Path(out)
+    if not root.exists() or not any(root.iterdir()):
+        return
+    is_run = (root / "manifest.json").exists() or (root / "_work").exists()
+    if not overwrite:
+        raise OutputExistsError(
+            f"output folder {out} is not empty; pass --overwrite to replace "
+            "the previous run, or choose another --output"
+        )
+    if not is_run:
+        raise OutputExistsError(
+            f"output folder {out} holds files that are not a curate run "
+            "(no manifest.json or _work/); refusing to delete them"
+        )
+    shutil.rmtree(root)
 
 
 def init_ray(address: str | None, num_cpus: int | None) -> None:
@@ -59,18 +84,23 @@ def run(
     overrides: list[str] | None = None,
     address: str | None = None,
     num_cpus: int | None = None,
+    overwrite: bool = False,
 ) -> RunResult:
     """Check, then run a pipeline file end to end; write shards, rejects and the manifest."""
     plan = check(path, overrides)
-    return run_plan(plan, output, address, num_cpus)
+    return run_plan(plan, output, address, num_cpus, overwrite)
 
 
 def run_plan(
-    plan: Plan, output: str | None = None, address: str | None = None, num_cpus: int | None = None
+    plan: Plan,
+    output: str | None = None,
+    address: str | None = None,
+    num_cpus: int | None = None,
+    overwrite: bool = False,
 ) -> RunResult:
-    import ray
-
+    """Run a checked plan into ``output`` (see :func:`output_dir`)."""
     out = output_dir(plan.pipeline, output)
+    prepare_output(out, overwrite)
     init_ray(address, num_cpus)
     started = datetime.now(UTC)
     t0 = time.perf_counter()
@@ -88,7 +118,7 @@ def run_plan(
             "nodes": cluster_nodes(),
             "cpus": resources.get("CPU", 0),
             "gpus": resources.get("GPU", 0),
-            "ray": ray.__version__,
+            "ray": ray_version(),
         },
     }
     manifest = build_manifest(plan, runner.layout, runner.reports, run_info)

@@ -61,14 +61,21 @@ def run(
         str | None, typer.Option(help="Ray cluster address; none starts a local Ray")
     ] = None,
     num_cpus: Annotated[int | None, typer.Option(help="CPUs of the embedded local Ray")] = None,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace the previous run in the output folder")
+    ] = False,
 ) -> None:
     """Run a pipeline end to end and print what every stage did."""
+    from curate.api import OutputExistsError
     from curate.api import run as run_pipeline
 
     try:
-        result = run_pipeline(pipeline, output, set_, address, num_cpus)
+        result = run_pipeline(pipeline, output, set_, address, num_cpus, overwrite)
     except ConfigError as exc:
         _report(exc)
+        raise typer.Exit(1) from None
+    except OutputExistsError as exc:
+        err.print(f"[bold red]error:[/] {exc}", highlight=False)
         raise typer.Exit(1) from None
     print_summary(result.manifest)
     out.print(

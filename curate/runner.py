@@ -54,6 +54,10 @@ def cluster_resources() -> dict[str, float]:
     return dict(ray.cluster_resources())  # type: ignore[no-untyped-call]
 
 
+def ray_version() -> str:
+    return str(ray.__version__)
+
+
 def cluster_nodes() -> int:
     return len(ray.nodes())  # type: ignore[no-untyped-call]
 

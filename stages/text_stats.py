@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from curate.io.sink import cut
 from curate.stage import Annotator, StageConfig
 
 COLUMNS: dict[str, pa.DataType] = {
@@ -42,13 +43,13 @@ CHUNK_BYTES = 16 * 2**20
 def char_classes() -> np.ndarray[Any, np.dtype[np.uint8]]:
     """Per code point: bit 0 = whitespace (``str.isspace``), bit 1 = letter (``str.isalpha``).
 
-    Built once per process from Python's own Unicode database (about 0.5 s), so
+    Built once per process from Python's own Unicode database (about 0.15 s), so
     the statistics agree with ``str.split`` and ``str.isalpha`` on every input.
     """
     n = 0x110000
     ws = np.fromiter((chr(c).isspace() for c in range(n)), dtype=np.uint8, count=n)
     alpha = np.fromiter((chr(c).isalpha() for c in range(n)), dtype=np.uint8, count=n)
-    return ws | (alpha << 1)
+    return (ws | (alpha << 1)).astype(np.uint8)
 
 
 WS, ALPHA = np.uint8(1), np.uint8(2)
@@ -132,22 +133,12 @@ def text_stats(text: pa.ChunkedArray | pa.Array) -> dict[str, pa.Array]:
     text = pc.cast(pc.fill_null(text, ""), pa.large_string())
     arr = text.combine_chunks() if isinstance(text, pa.ChunkedArray) else text
     n_chars = pc.utf8_length(arr).to_numpy().astype(np.int64)
-    words, spaces, alpha = [], [], []
-    start = 0
-    byte_len = pc.binary_length(arr).to_numpy()
-    while start < len(arr) or not words:
-        stop = start + max(1, int(np.searchsorted(np.cumsum(byte_len[start:]), CHUNK_BYTES)))
-        stop = min(stop, len(arr))
-        w, sp, al = _count_chunk(arr.slice(start, stop - start))
-        words.append(w)
-        spaces.append(sp)
-        alpha.append(al)
-        start = stop
-        if start >= len(arr):
-            break
-    n_words = np.concatenate(words)
-    nonspace = n_chars - np.concatenate(spaces)
-    letters = np.concatenate(alpha)
+    byte_len = pc.binary_length(arr).to_numpy().astype(np.int64)
+    parts = [_count_chunk(arr.slice(a, b - a)) for a, b in cut(byte_len, CHUNK_BYTES)]
+    if not parts:
+        parts = [_count_chunk(arr)]
+    n_words, spaces, letters = (np.concatenate(p) for p in zip(*parts, strict=True))
+    nonspace = n_chars - spaces
     with np.errstate(divide="ignore", invalid="ignore"):
         mean = np.where(n_words > 0, nonspace / np.maximum(n_words, 1), 0.0)
         frac = np.where(n_chars > 0, letters / np.maximum(n_chars, 1), 0.0)

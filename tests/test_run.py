@@ -208,3 +208,22 @@ def test_empty_input_file_runs_with_zero_rows(
     assert [s["rows_in"] for s in m["stages"]] == [1, 1, 1, 1]
     empty = next(i for i in m["inputs"] if i["uri"].endswith("empty.jsonl"))
     assert (empty["bytes"], empty["records"]) == (0, 0)
+
+
+def test_output_folder_is_never_mixed_with_an_older_run(project: Path, tmp_path: Path) -> None:
+    from curate.api import OutputExistsError
+
+    out = tmp_path / "out"
+    run(str(project), str(out))
+    with pytest.raises(OutputExistsError, match="pass --overwrite"):
+        run(str(project), str(out))
+    stale = out / "out" / "part-999999-0000.parquet"
+    stale.write_bytes(b"old")
+    run(str(project), str(out), overwrite=True)
+    assert not stale.exists()
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("precious")
+    with pytest.raises(OutputExistsError, match="not a curate run"):
+        run(str(project), str(foreign), overwrite=True)
+    assert (foreign / "thesis.tex").read_text() == "precious"
