@@ -99,7 +99,7 @@ def print_summary(manifest: dict[str, Any]) -> None:
     ):
         table.add_column(column, justify=justify)  # type: ignore[arg-type]
     for s in manifest["stages"]:
-        reasons = ", ".join(f"{k} {v:,}" for k, v in s["reasons"].items()) or "-"
+        reasons = "\n".join(f"{k} {v:,}" for k, v in s["reasons"].items()) or "-"
         table.add_row(
             s["name"],
             s["type"],

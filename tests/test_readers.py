@@ -77,7 +77,7 @@ def test_wrong_declared_type_is_quarantined(tmp_path: Path) -> None:
     _, rejects = read(p)
     assert (
         one_reject(rejects)["reason"]
-        == "bad_column:a.jsonl line 1: 'n': expected an integer, got 'seven'"
+        == "bad_column:a.jsonl line 1: 'n': expected a 64-bit integer, got 'seven'"
     )
 
 
@@ -131,3 +131,58 @@ def test_units_group_consecutive_shards(tmp_path: Path) -> None:
     units = plan_units("docs", shards, 500, 7)
     assert [u.index for u in units] == [7, 8, 9]
     assert [len(u.shards) for u in units] == [2, 2, 1]
+
+
+CLEAN = (
+    '{"text": "plain", "url": "u", "n": 1}\n'
+    '{"text": "\\u00e9t\\u00e9 \\ud83d\\ude00 tab\\tnewline\\n", "n": 2, "extra": {"x": 1}}\r\n'
+    '{"url": null, "text": "no trailing newline", "n": -9223372036854775808}'
+)
+
+
+def test_fast_path_reads_clean_shards_and_equals_the_strict_parser(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from curate.io import readers
+
+    p = tmp_path / "a.jsonl"
+    p.write_text(CLEAN, encoding="utf-8")
+
+    def refuse(*_: object) -> None:
+        raise AssertionError("a clean shard must not need the strict parser")
+
+    with monkeypatch.context() as m:
+        m.setattr(readers.JsonlParser, "parse", refuse)
+        fast, _ = read(p)
+    monkeypatch.setattr(readers, "_fast_jsonl", lambda *_: None)
+    slow, _ = read(p)
+    assert fast.equals(slow)
+    assert fast.column("text")[1].as_py() == "été 😀 tab\tnewline\n"
+
+
+@pytest.mark.parametrize(
+    ("line", "reason"),
+    [
+        ('{"text": "a", "text": "b"}', "invalid_json:a.jsonl line 2: duplicate key 'text'"),
+        ('{"text": "x\\ud800y"}', "bad_unicode:a.jsonl line 2: a \\u escape encodes a lone"),
+        ('{"text": "a", "n": 123456789012345678901234567890}', "bad_column:a.jsonl line 2: 'n'"),
+        ('{"text": "a", "n": 1.5}', "bad_column:a.jsonl line 2: 'n': expected a 64-bit integer"),
+        ('{"text": "a"} {"text": "b"}', "invalid_json:a.jsonl line 2: Extra data"),
+    ],
+    ids=["duplicate_key", "lone_surrogate", "int_overflow", "float_for_int", "two_objects"],
+)
+def test_strict_parser_rejects_what_json_loads_would_let_through(
+    tmp_path: Path, line: str, reason: str
+) -> None:
+    p = tmp_path / "a.jsonl"
+    p.write_text('{"text": "fine", "nested": {"k": 1, "k": 2}}\n' + line + "\n")
+    table, rejects = read(p)
+    assert table.column("text").to_pylist() == ["fine"]  # nested duplicates are not our business
+    assert str(one_reject(rejects)["reason"]).startswith(reason)
+
+
+def test_numeric_source_ids_become_strings(tmp_path: Path) -> None:
+    p = tmp_path / "a.jsonl"
+    p.write_text('{"doc": 17, "text": "a"}\n{"doc": "x-2", "text": "b"}\n')
+    table, _ = read(p, SourceSpec(uri="*", id_column="doc"))
+    assert table.column("id").to_pylist() == ["17", "x-2"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import json
 import zlib
 from collections.abc import Iterator
@@ -24,6 +25,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 import xxhash
 import zstandard
@@ -112,12 +114,29 @@ def _cast(value: Any, kind: ColumnType) -> Any:
     if isinstance(value, bool):
         raise TypeError(f"expected a number, got {value!r}")
     if kind == "int64":
-        if isinstance(value, int):
+        if isinstance(value, int) and -(2**63) <= value < 2**63:
             return value
-        raise TypeError(f"expected an integer, got {value!r}")
+        raise TypeError(f"expected a 64-bit integer, got {value!r}")
     if isinstance(value, int | float):
         return float(value)
     raise TypeError(f"expected a number, got {value!r}")
+
+
+def _first_duplicate(pairs: list[tuple[str, Any]]) -> str | None:
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            return key
+        seen.add(key)
+    return None
+
+
+def _encodable(obj: dict[str, Any]) -> bool:
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class JsonlParser:
@@ -127,6 +146,14 @@ class JsonlParser:
         self.name = name
         self.spec = spec
         self.columns = spec.columns or {}
+        self._duplicate: str | None = None
+
+    def _pairs(self, pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        """``object_pairs_hook``: the last call builds the top-level object, so
+        ``_duplicate`` ends up naming a duplicated top-level key, if any."""
+        obj = dict(pairs)
+        self._duplicate = _first_duplicate(pairs) if len(obj) != len(pairs) else None
+        return obj
 
     def parse(self, shard: Shard, data: bytes) -> ShardResult:
         out = ShardResult()
@@ -164,11 +191,15 @@ class JsonlParser:
         if not line.strip():
             return {}, ("blank_line", "empty line")
         try:
-            obj = json.loads(line)
+            obj = json.loads(line, object_pairs_hook=self._pairs)
         except json.JSONDecodeError as exc:
             return {}, ("invalid_json", f"{exc.msg} (column {exc.colno})")
         if not isinstance(obj, dict):
             return {}, ("not_an_object", f"expected a JSON object, got {type(obj).__name__}")
+        if self._duplicate is not None:
+            return {}, ("invalid_json", f"duplicate key {self._duplicate!r}")
+        if b"\\u" in raw and not _encodable(obj):
+            return {}, ("bad_unicode", "a \\u escape encodes a lone UTF-16 surrogate")
         return self._fields(obj, uri, row)
 
     def _fields(
@@ -209,9 +240,7 @@ class ParquetParser:
             raise InputError(f"{shard.uri}: not a readable Parquet file: {exc}") from exc
         n = table.num_rows
         rows = pa.array(np.arange(n, dtype=np.int64))
-        prov = pa.StructArray.from_arrays(
-            [pa.array([shard.uri] * n, pa.string()), rows], fields=list(PROVENANCE)
-        )
+        prov = _provenance(shard.uri, np.arange(n, dtype=np.int64))
         reason = self._reasons(table, shard.uri)
         bad = pc.is_valid(reason)
         rejects = self._rejects(table, shard.uri, reason, prov, bad)
@@ -338,22 +367,67 @@ def _ordered(table: pa.Table, spec: SourceSpec) -> pa.Table:
     return table
 
 
+def _provenance(uri: str, rows: list[int] | np.ndarray[Any, Any]) -> pa.StructArray:
+    return pa.StructArray.from_arrays(
+        [pa.array([uri] * len(rows), pa.string()), pa.array(rows, pa.int64())],
+        fields=list(PROVENANCE),
+    )
+
+
 def _jsonl_tables(
     name: str, spec: SourceSpec, shard: Shard, data: bytes
 ) -> tuple[pa.Table, pa.Table]:
+    fast = _fast_jsonl(name, spec, shard, data)
+    if fast is not None:
+        return fast, REJECT_SCHEMA.empty_table()
     parsed = JsonlParser(name, spec).parse(shard, data)
     extras = {c: ARROW_TYPES[k] for c, k in (spec.columns or {}).items()}
     schema = pa.schema([("id", pa.string()), ("text", pa.string()), *extras.items()])
     table = pa.Table.from_pylist(parsed.rows, schema=schema)
-    prov = pa.StructArray.from_arrays(
-        [
-            pa.array([shard.uri] * len(parsed.rows_pos), pa.string()),
-            pa.array(parsed.rows_pos, pa.int64()),
-        ],
-        fields=list(PROVENANCE),
-    )
-    table = table.append_column("provenance", prov)
+    table = table.append_column("provenance", _provenance(shard.uri, parsed.rows_pos))
     return table, pa.Table.from_pylist(parsed.rejects, schema=REJECT_SCHEMA)
+
+
+def _fast_jsonl(name: str, spec: SourceSpec, shard: Shard, data: bytes) -> pa.Table | None:
+    """Arrow's JSON reader, for shards where every line is a clean record.
+
+    Any anomaly (a parse error, a blank line, invalid UTF-8, a null text or id,
+    a type mismatch) returns None and the shard goes to the strict line parser,
+    which quarantines the bad lines; so both paths give the same table.  Ids
+    given as JSON numbers also take the strict path (they are str()-ed there).
+    """
+    columns = spec.columns or {}
+    if not data or "json" in columns.values():
+        return None
+    fields = [(spec.text_column, pa.string())]
+    if spec.id_column:
+        fields.append((spec.id_column, pa.string()))
+    fields += [(c, ARROW_TYPES[k]) for c, k in columns.items() if c not in dict(fields)]
+    try:
+        table = pa_json.read_json(
+            io.BytesIO(data),
+            read_options=pa_json.ReadOptions(use_threads=False, block_size=max(1 << 20, len(data))),
+            parse_options=pa_json.ParseOptions(
+                explicit_schema=pa.schema(fields), unexpected_field_behavior="ignore"
+            ),
+        )
+        table.validate(full=True)  # Arrow's JSON reader does not check UTF-8
+    except (pa.ArrowException, ValueError):
+        return None
+    lines = data.count(b"\n") + (not data.endswith(b"\n"))
+    key_columns = [spec.text_column, *([spec.id_column] if spec.id_column else [])]
+    if table.num_rows != lines or any(table.column(c).null_count for c in key_columns):
+        return None
+    text = table.column(spec.text_column)
+    if spec.id_column:
+        ids = table.column(spec.id_column)
+    else:
+        ids = pa.array(
+            [record_id(name, shard.uri, r, t) for r, t in enumerate(text.to_pylist())], pa.string()
+        )
+    out = {"id": ids, "text": text, **{c: table.column(c) for c in columns}}
+    rows = np.arange(table.num_rows, dtype=np.int64)
+    return pa.table(out).append_column("provenance", _provenance(shard.uri, rows))
 
 
 def iter_unit_files(units: list[Unit]) -> Iterator[Shard]:
