@@ -68,13 +68,14 @@ def run(
     """Run a pipeline end to end and print what every stage did."""
     from curate.api import OutputExistsError
     from curate.api import run as run_pipeline
+    from curate.runner import ResourceError
 
     try:
         result = run_pipeline(pipeline, output, set_, address, num_cpus, overwrite)
     except ConfigError as exc:
         _report(exc)
         raise typer.Exit(1) from None
-    except OutputExistsError as exc:
+    except (OutputExistsError, ResourceError) as exc:
         err.print(f"[bold red]error:[/] {exc}", highlight=False)
         raise typer.Exit(1) from None
     print_summary(result.manifest)

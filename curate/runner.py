@@ -49,6 +49,10 @@ from curate.lineage.accounting import (
 from curate.stage import DECISION_SCHEMA, POS, UNIT, Annotator, Filter, GlobalStage, Stage
 
 
+class ResourceError(RuntimeError):
+    """A stage asks for more than any node of the cluster has."""
+
+
 def cluster_resources() -> dict[str, float]:
     """Total resources of the connected Ray cluster."""
     return dict(ray.cluster_resources())  # type: ignore[no-untyped-call]
@@ -359,7 +363,22 @@ class Runner:
         }
         return [found[i] for i in sorted(found)]
 
+    def check_resources(self) -> None:
+        """Fail now, not hang later, when no node can hold one actor of a stage."""
+        nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]  # type: ignore[no-untyped-call]
+        problems = []
+        for name, bound in self.plan.pipeline.stages.items():
+            need = {"CPU": bound.resources.num_cpus, "GPU": bound.resources.num_gpus}
+            if not any(all(node.get(k, 0.0) >= v for k, v in need.items() if v) for node in nodes):
+                problems.append(
+                    f"stage {name!r} asks for {need} per actor; no node of this "
+                    "Ray cluster has that much"
+                )
+        if problems:
+            raise ResourceError("; ".join(problems))
+
     def run(self) -> None:
+        self.check_resources()
         ray.data.DataContext.get_current().target_max_block_size = None
         for segment in self.plan.segments:
             if segment.apply is not None:
