@@ -38,6 +38,9 @@ def output_dir(pipeline: Pipeline, output: str | None) -> str:
     return os.path.abspath(os.path.join("out", pipeline.spec.name))
 
 
+RUN_MARKER = ".curate-run"
+
+
 class OutputExistsError(FileExistsError):
     """The output folder holds files; a run never mixes its shards with older ones."""
 
@@ -47,7 +50,7 @@ def prepare_output(out: str, overwrite: bool) -> None:
     root = Path(out)
     if not root.exists() or not any(root.iterdir()):
         return
-    is_run = (root / "manifest.json").exists() or (root / "_work").exists()
+    is_run = (root / RUN_MARKER).exists() or (root / "manifest.json").exists()
     if not overwrite:
         raise OutputExistsError(
             f"output folder {out} is not empty; pass --overwrite to replace "
@@ -56,9 +59,15 @@ def prepare_output(out: str, overwrite: bool) -> None:
     if not is_run:
         raise OutputExistsError(
             f"output folder {out} holds files that are not a curate run "
-            "(no manifest.json or _work/); refusing to delete them"
+            f"(no {RUN_MARKER} or manifest.json); refusing to delete them"
         )
     shutil.rmtree(root)
+
+
+def mark_output(out: str) -> None:
+    """First act of a run: mark the folder, so that a failed run can be replaced."""
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / RUN_MARKER).write_text("written by curate; --overwrite may replace this folder\n")
 
 
 def init_ray(address: str | None, num_cpus: int | None) -> None:
@@ -102,6 +111,7 @@ def run_plan(
     out = output_dir(plan.pipeline, output)
     prepare_output(out, overwrite)
     init_ray(address, num_cpus)
+    mark_output(out)
     started = datetime.now(UTC)
     t0 = time.perf_counter()
     runner = Runner(plan, out)

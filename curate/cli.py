@@ -68,6 +68,8 @@ def run(
     """Run a pipeline end to end and print what every stage did."""
     from curate.api import OutputExistsError
     from curate.api import run as run_pipeline
+    from curate.io.files import InputError
+    from curate.lineage.accounting import AccountingError
     from curate.runner import ResourceError
 
     try:
@@ -77,6 +79,13 @@ def run(
         raise typer.Exit(1) from None
     except (OutputExistsError, ResourceError) as exc:
         err.print(f"[bold red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(1) from None
+    except (InputError, AccountingError) as exc:
+        # Ray re-raises worker errors as RayTaskError(<our class>): show the original.
+        cause = getattr(exc, "cause", None) or exc
+        err.print("[bold red]error:[/]", end=" ")
+        err.print(str(cause), highlight=False, markup=False)
+        err.print("the output folder holds a partial run; fix the cause and rerun with --overwrite")
         raise typer.Exit(1) from None
     print_summary(result.manifest)
     out.print(

@@ -22,7 +22,7 @@ import pyarrow as pa
 from curate.config.load import Pipeline
 from curate.config.model import BoundStage
 from curate.config.yamlpos import ConfigError, Issue, Loc
-from curate.io.files import InputError, Shard, list_shards
+from curate.io.files import InputError, Shard, infer_format, list_shards
 from curate.io.readers import ARROW_TYPES
 from curate.registry import get_stage_class
 from curate.stage import POS, RESERVED_COLUMNS, UNIT, Stage, StageContext
@@ -104,17 +104,42 @@ def _topo_order(
     return order
 
 
-def _source_columns(pipeline: Pipeline, name: str, shards: list[Shard]) -> dict[str, pa.DataType]:
+def _source_columns(
+    pipeline: Pipeline, name: str, shards: list[Shard], issues: list[Issue]
+) -> dict[str, pa.DataType]:
+    """Reserved columns plus the extras: declared, or the first Parquet shard's schema."""
     spec = pipeline.spec.sources[name]
     columns: dict[str, pa.DataType] = dict(RESERVED_COLUMNS)
     if spec.columns is not None:
         columns.update({c: ARROW_TYPES[k] for c, k in spec.columns.items()})
-    elif shards and (spec.format or "") != "jsonl" and shards[0].path.endswith((".parquet", ".pq")):
-        import pyarrow.parquet as pq
+        return columns
+    if not shards or (spec.format or infer_format(shards[0].path)) != "parquet":
+        return columns
+    import pyarrow.parquet as pq
 
+    try:
         schema = pq.read_schema(shards[0].path)
-        skip = {spec.text_column, spec.id_column, *RESERVED_COLUMNS}
-        columns.update({f.name: f.type for f in schema if f.name not in skip})
+    except (pa.ArrowException, OSError) as exc:
+        issues.append(
+            pipeline.positions.issue(
+                ("sources", name, "uri"), f"{shards[0].uri}: not a readable Parquet file: {exc}"
+            )
+        )
+        return columns
+    taken = {spec.text_column, spec.id_column}
+    for f in schema:
+        if f.name in taken:
+            continue
+        if f.name in RESERVED_COLUMNS or f.name in (UNIT, POS):
+            issues.append(
+                pipeline.positions.issue(
+                    ("sources", name),
+                    f"{shards[0].uri} has a column {f.name!r}, a name curate reserves; "
+                    "list the columns to keep under 'columns:'",
+                )
+            )
+            continue
+        columns[f.name] = f.type
     return columns
 
 
@@ -159,6 +184,36 @@ def _check_columns(
         plan.columns[name] = {**available, **stage.writes()}
 
 
+def _sources_of(pipeline: Pipeline, node: str, seen: frozenset[str] = frozenset()) -> set[str]:
+    if node in pipeline.spec.sources:
+        return {node}
+    if node not in pipeline.stages or node in seen:
+        return set()
+    return set().union(
+        *(_sources_of(pipeline, p, seen | {node}) for p in pipeline.stages[node].inputs)
+    )
+
+
+def _check_unions(
+    pipeline: Pipeline, issues: list[Issue], line: Callable[[Loc, str], Issue]
+) -> None:
+    """Inputs of one stage must come from different sources: a record reaching a
+    stage twice would be counted, and written, twice."""
+    for name, bound in pipeline.stages.items():
+        seen: dict[str, str] = {}
+        for parent in bound.inputs:
+            for source in sorted(_sources_of(pipeline, parent)):
+                if source in seen and seen[source] != parent:
+                    issues.append(
+                        line(
+                            ("stages", name, "input"),
+                            f"inputs {seen[source]!r} and {parent!r} both carry rows of source "
+                            f"{source!r}; a stage may join different sources only",
+                        )
+                    )
+                seen.setdefault(source, parent)
+
+
 def _check_dependencies(plan: Plan, issues: list[Issue], line: Callable[[Loc, str], Issue]) -> None:
     for name, stage in plan.stages.items():
         for req in type(stage).requires:
@@ -193,10 +248,11 @@ def build_plan(pipeline: Pipeline) -> Plan:
     stages = {n: instantiate(b, pipeline.spec.seed) for n, b in pipeline.stages.items()}
     plan = Plan(pipeline, stages, shards, {})
     for name in pipeline.spec.sources:
-        plan.columns[name] = _source_columns(pipeline, name, shards.get(name, []))
+        plan.columns[name] = _source_columns(pipeline, name, shards.get(name, []), issues)
     _check_inputs(pipeline, issues, line)
     _check_unused(pipeline, issues, line)
     order = _topo_order(pipeline, issues, line)
+    _check_unions(pipeline, issues, line)
     _check_columns(plan, order, issues, line)
     _check_dependencies(plan, issues, line)
     if issues:

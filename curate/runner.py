@@ -46,7 +46,16 @@ from curate.lineage.accounting import (
     with_reports,
     write_rejects,
 )
-from curate.stage import DECISION_SCHEMA, POS, UNIT, Annotator, Filter, GlobalStage, Stage
+from curate.stage import (
+    DECISION_SCHEMA,
+    POS,
+    RESERVED_COLUMNS,
+    UNIT,
+    Annotator,
+    Filter,
+    GlobalStage,
+    Stage,
+)
 
 
 class ResourceError(RuntimeError):
@@ -72,6 +81,8 @@ class UnitRead:
 
     unit: Unit
     source_spec: SourceSpec | None = None
+    #: For a source: its extra columns and their types, the same for every unit.
+    expected: dict[str, pa.DataType] | None = None
     node: str | None = None
     apply: str | None = None
     columns: tuple[str, ...] | None = None
@@ -89,7 +100,7 @@ def load_unit(task: UnitRead, layout: Layout) -> pa.Table:
 
 def _load_rows(task: UnitRead, layout: Layout, start: float) -> pa.Table:
     if task.source_spec is not None:
-        table, rejects, inputs = read_unit(task.unit, task.source_spec)
+        table, rejects, inputs = read_unit(task.unit, task.source_spec, task.expected)
         written = write_rejects(layout.rejects(task.unit.source, task.unit.index), rejects)
         reports = [{"kind": "input", **vars(i)} for i in inputs]
         rows_in = table.num_rows + rejects.num_rows
@@ -391,7 +402,12 @@ class Runner:
         for node in segment.inputs:
             for unit in self.node_units(node):
                 if node in specs and node not in self.plan.materialized_done:
-                    reads.append(UnitRead(unit, source_spec=specs[node]))
+                    extras = {
+                        c: t
+                        for c, t in self.plan.columns[node].items()
+                        if c not in RESERVED_COLUMNS
+                    }
+                    reads.append(UnitRead(unit, source_spec=specs[node], expected=extras))
                 else:
                     reads.append(UnitRead(unit, node=node, apply=segment.apply, columns=columns))
         return sorted(reads, key=lambda r: r.unit.index)
@@ -454,7 +470,17 @@ class Runner:
         stage.setup()
         columns = (UNIT, POS, "id", *stage.reads())
         inputs = self.plan.pipeline.stages[name].inputs
-        reads = self._reads(Segment(-1, inputs, None, (), ()), columns)
+        reads = [
+            r
+            for r in self._reads(Segment(-1, inputs, None, (), ()), columns)
+            if r.node is not None
+            and pq.ParquetFile(self.layout.work(r.node, r.unit.index)).metadata.num_rows
+        ]
+        if not reads:  # every unit is empty: nothing to decide
+            self.global_seconds[name] = time.perf_counter() - start
+            return
+        # Ray turns an empty block into a schemaless one, which its shuffles reject,
+        # so units without rows are left out of the key dataset (they need no decision).
         decisions = stage.plan(self._dataset(reads))
         partitions = max(1, min(len(reads), 64))
         written = decisions.groupby(UNIT, num_partitions=partitions).map_groups(

@@ -144,3 +144,51 @@ def test_every_bundled_pipeline_validates() -> None:
     assert files
     for path in files:
         check(str(path))
+
+
+def test_duplicate_keys_do_not_hide_other_errors(pipeline_file: Callable[[str], Path]) -> None:
+    path = pipeline_file(GOOD.replace("name: t", "name: t\nname: u\nseed: x\nbogus: 1"))
+    with pytest.raises(ConfigError) as info:
+        load_pipeline(path)
+    text = str(info.value)
+    assert "pipe.yaml:2: name: duplicate key 'name'" in text
+    assert "pipe.yaml:3: seed: expected a valid integer" in text
+    assert "pipe.yaml:4: bogus: unknown key 'bogus'" in text
+
+
+def test_recursive_and_exponential_aliases_are_harmless(
+    pipeline_file: Callable[[str], Path],
+) -> None:
+    with pytest.raises(ConfigError, match="description"):
+        load_pipeline(pipeline_file(GOOD + "description: &a [*a]\n"))
+    laughs = "".join(
+        f"l{i}: &l{i} [*l{i - 1}, *l{i - 1}, *l{i - 1}, *l{i - 1}]\n" for i in range(1, 30)
+    )
+    with pytest.raises(ConfigError, match="unknown key 'l1'"):
+        load_pipeline(pipeline_file(GOOD + "l0: &l0 lol\n" + laughs, "laughs.yaml"))
+
+
+def test_a_broken_plugin_is_a_config_error(
+    pipeline_file: Callable[[str], Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "broken_plugin.py").write_text("def oops(:\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ConfigError, match=r"plugins: cannot import plugin module: SyntaxError"):
+        load_pipeline(pipeline_file(GOOD + "plugins: [broken_plugin]\n"))
+
+
+def test_set_with_a_list_of_paths_is_relative_to_the_current_folder(
+    pipeline_file: Callable[[str], Path],
+) -> None:
+    p = load_pipeline(pipeline_file(GOOD), ["sources.docs.uri=[a.jsonl, /abs/b.jsonl]"])
+    assert p.spec.sources["docs"].uri == [str(Path("a.jsonl").absolute()), "/abs/b.jsonl"]
+
+
+def test_reserved_column_names_are_refused(pipeline_file: Callable[[str], Path]) -> None:
+    bad = GOOD.replace(
+        'docs: {uri: "*.jsonl"}', 'docs: {uri: "*.jsonl", columns: {source: string}}'
+    )
+    with pytest.raises(
+        ConfigError, match=r"sources.docs.columns: expected column names not reserved"
+    ):
+        load_pipeline(pipeline_file(bad))

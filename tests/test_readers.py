@@ -186,3 +186,102 @@ def test_numeric_source_ids_become_strings(tmp_path: Path) -> None:
     p.write_text('{"doc": 17, "text": "a"}\n{"doc": "x-2", "text": "b"}\n')
     table, _ = read(p, SourceSpec(uri="*", id_column="doc"))
     assert table.column("id").to_pylist() == ["17", "x-2"]
+
+
+def test_zstd_with_several_frames_reads_every_frame(tmp_path: Path) -> None:
+    import zstandard
+
+    p = tmp_path / "a.jsonl.zst"
+    frames = [
+        zstandard.ZstdCompressor().compress(f'{{"text": "t{i}"}}\n'.encode()) for i in range(3)
+    ]
+    p.write_bytes(b"".join(frames))
+    table, _ = read(p)
+    assert table.column("text").to_pylist() == ["t0", "t1", "t2"]
+
+
+def test_truncated_zstd_is_a_clear_error(tmp_path: Path) -> None:
+    import zstandard
+
+    p = tmp_path / "a.jsonl.zst"
+    body = "".join(f'{{"text": "document number {i}"}}\n' for i in range(2000)).encode()
+    data = zstandard.ZstdCompressor().compress(body)
+    p.write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError, match=r"a.jsonl.zst: cannot decompress: truncated zstd frame"):
+        read(p)
+
+
+def test_parquet_values_that_do_not_cast_are_quarantined(tmp_path: Path) -> None:
+    p = tmp_path / "a.parquet"
+    pq.write_table(
+        pa.table({"text": ["a", "b", "c"], "url": ["u", "v", "w"], "n": ["1", "seven", "3"]}), p
+    )
+    table, rejects = read(p)
+    assert table.column("n").to_pylist() == [1, 3]
+    assert one_reject(rejects)["reason"] == "bad_column:a.parquet row 1: 'n' is not int64"
+
+
+def test_parquet_dictionary_and_view_text_are_text(tmp_path: Path) -> None:
+    p = tmp_path / "a.parquet"
+    text = pa.array(["x y", "x y", None]).dictionary_encode()
+    pq.write_table(pa.table({"text": text, "url": ["u", "v", "w"], "n": [1, 2, 3]}), p)
+    table, rejects = read(p)
+    assert table.column("text").to_pylist() == ["x y", "x y"]
+    assert one_reject(rejects)["reason"] == "missing_text:a.parquet row 2: null text"
+    view = pa.table({"text": pa.array(["v"], pa.string_view())})
+    q = tmp_path / "b.parquet"
+    pq.write_table(view, q)
+    assert read(q, SourceSpec(uri="*"))[0].column("text").to_pylist() == ["v"]
+
+
+def test_parquet_null_source_ids_are_quarantined(tmp_path: Path) -> None:
+    p = tmp_path / "a.parquet"
+    pq.write_table(pa.table({"text": ["a", "b"], "doc": [7, None]}), p)
+    table, rejects = read(p, SourceSpec(uri="*", id_column="doc", columns={}))
+    assert table.column("id").to_pylist() == ["7"]
+    assert one_reject(rejects)["reason"] == "missing_id:a.parquet row 1: no usable id"
+
+
+def test_later_shards_are_cast_to_the_sources_schema(tmp_path: Path) -> None:
+    from curate.io.readers import read_unit
+
+    pq.write_table(
+        pa.table({"text": ["a"], "n": pa.array([1], pa.int64())}), tmp_path / "a.parquet"
+    )
+    pq.write_table(pa.table({"text": ["b", "c"], "n": ["2", "x"]}), tmp_path / "b.parquet")
+    (unit,) = plan_units("docs", list_shards("*.parquet", tmp_path), 1 << 30, 0)
+    table, rejects, _ = read_unit(unit, SourceSpec(uri="*"), {"n": pa.int64()})
+    assert table.column("n").to_pylist() == [1, 2]
+    assert one_reject(rejects)["reason"] == "bad_column:b.parquet row 1: 'n' is not int64"
+
+
+def test_a_leading_byte_order_mark_is_not_a_bad_line(tmp_path: Path) -> None:
+    p = tmp_path / "a.jsonl"
+    p.write_bytes(b'\xef\xbb\xbf{"text": "a"}\n{"text": "b"}\n')
+    table, rejects = read(p)
+    assert table.column("text").to_pylist() == ["a", "b"] and rejects.num_rows == 0
+    p.write_bytes(b'\xef\xbb\xbf{"text": "a"}\n\xef\xbb\xbf{"text": "b"}\n')
+    table, rejects = read(p)
+    assert table.column("text").to_pylist() == ["a"]
+    assert str(one_reject(rejects)["reason"]).startswith("invalid_json:a.jsonl line 2")
+
+
+def test_each_line_is_judged_alone_even_when_arrow_would_accept_the_file(tmp_path: Path) -> None:
+    p = tmp_path / "a.jsonl"
+    p.write_text('{"text": "a"} {"text": "b"}\n   \n')
+    table, rejects = read(p)
+    assert table.num_rows == 0
+    reasons = [r.split(":")[0] for r in rejects.column("reason").to_pylist()]
+    assert reasons == ["invalid_json", "blank_line"]
+
+
+def test_glob_characters_in_folders_and_file_names(tmp_path: Path) -> None:
+    base = tmp_path / "proj[v2]"
+    (base / "data").mkdir(parents=True)
+    (base / "data" / "part[1].jsonl").write_text('{"text": "a"}\n')
+    (base / "data" / "b.jsonl").write_text('{"text": "b"}\n')
+    assert [s.uri for s in list_shards("data/part[1].jsonl", base)] == ["data/part[1].jsonl"]
+    assert [s.uri for s in list_shards("data/*.jsonl", base)] == [
+        "data/b.jsonl",
+        "data/part[1].jsonl",
+    ]

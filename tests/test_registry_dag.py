@@ -222,3 +222,45 @@ def test_readme_stage_example_runs(plugin_dir: Path, pipeline_file: Callable[[st
     assert verdict.keep.tolist() == [True, False, True]
     assert verdict.reason.to_pylist() == [None, "too_many_digits", None]
     assert verdict.value is not None and verdict.value.to_pylist()[1] == "0.75"
+
+
+def test_union_of_branches_of_one_source_is_refused(
+    tmp_path: Path, pipeline_file: Callable[[str], Path]
+) -> None:
+    (tmp_path / "d.jsonl").write_text('{"text": "a"}\n')
+    path = pipeline_file("""\
+name: u
+sources: {docs: {uri: d.jsonl}}
+stages:
+  stats: {type: text_stats, input: docs}
+  short: {type: length_filter, input: stats, max_words: 5}
+  long: {type: length_filter, input: stats, min_words: 6}
+  both: {type: exact_dedup, input: [short, long]}
+sinks: {out: {input: both}}
+""")
+    with pytest.raises(
+        ConfigError, match=r"stages.both.input: inputs 'short' and 'long' both carry"
+    ):
+        check(str(path))
+
+
+def test_unreadable_or_colliding_parquet_schema_is_reported(
+    tmp_path: Path, pipeline_file: Callable[[str], Path]
+) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1 not really")
+    pq.write_table(pa.table({"text": ["a"], "source": ["web"]}), tmp_path / "clash.parquet")
+    path = pipeline_file("""\
+name: p
+sources:
+  bad: {uri: bad.parquet}
+  clash: {uri: clash.parquet}
+sinks: {a: {input: bad}, b: {input: clash}}
+""")
+    with pytest.raises(ConfigError) as info:
+        check(str(path))
+    text = str(info.value)
+    assert "sources.bad.uri: bad.parquet: not a readable Parquet file" in text
+    assert "sources.clash: clash.parquet has a column 'source', a name curate reserves" in text

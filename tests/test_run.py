@@ -235,3 +235,43 @@ def test_a_stage_no_node_can_hold_fails_before_running(project: Path, tmp_path: 
     with pytest.raises(ResourceError, match=r"stage 'stats' asks for .*'GPU': 1\.0"):
         run(str(project), str(tmp_path / "out"), ["stages.stats.resources.num_gpus=1"])
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+@pytest.mark.parametrize(
+    "layout",
+    ["first_unit_all_quarantined", "all_filtered_before_dedup", "zero_rows_overall"],
+)
+def test_global_stage_with_empty_units(
+    tmp_path: Path, pipeline_file: Callable[[str], Path], layout: str
+) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    good = [{"text": f"words {i % 3} one two three"} for i in range(6)]
+    if layout == "first_unit_all_quarantined":
+        (data / "a.jsonl").write_text("not json\n{broken\n")
+        write_jsonl(data / "b.jsonl", good)
+    elif layout == "all_filtered_before_dedup":
+        write_jsonl(data / "a.jsonl", [{"text": "x"}] * 3)
+        write_jsonl(data / "b.jsonl", good)
+    else:
+        (data / "a.jsonl").write_text("not json\n")
+    path = pipeline_file(PIPELINE.replace("unit_bytes: 3KiB", "unit_bytes: 10"))
+    m = run(str(path), str(tmp_path / "out")).manifest
+    for s in m["stages"]:
+        assert s["rows_in"] == s["kept"] + s["dropped"]
+    dedup = next(s for s in m["stages"] if s["name"] == "dedup")
+    expected = {"zero_rows_overall": 0}.get(layout, 3)
+    assert dedup["kept"] == expected
+
+
+def test_a_failed_run_can_be_replaced(tmp_path: Path, pipeline_file: Callable[[str], Path]) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    write_jsonl(data / "a.jsonl", [{"text": "one two three four"}])
+    (data / "b.jsonl.gz").write_bytes(b"\x1f\x8b not gzip at all")
+    path = pipeline_file(PIPELINE.replace("uri: data/*.jsonl", "uri: data/*.jsonl*"))
+    with pytest.raises(Exception, match=r"b.jsonl.gz: cannot decompress"):
+        run(str(path), str(tmp_path / "out"))
+    (data / "b.jsonl.gz").unlink()
+    m = run(str(path), str(tmp_path / "out"), overwrite=True).manifest
+    assert m["stages"][0]["rows_in"] == 1

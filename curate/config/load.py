@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import reprlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,8 +46,13 @@ class Pipeline:
         return hashlib.sha256(text.encode()).hexdigest()
 
 
+_SHORT = reprlib.Repr()  # keyword arguments arrive in Python 3.12
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxstring = 3, 4, 4, 50
+
+
 def _describe(value: Any) -> str:
-    text = repr(value)
+    """A short repr: bounded in depth and width, so a YAML alias bomb prints in O(1)."""
+    text = _SHORT.repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
 
@@ -103,7 +109,11 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], pos: Positions) 
 def _absolute_if_local_path(key: str, value: Any) -> Any:
     """Paths given on the command line are relative to the current directory,
     paths in the file to the file's directory: make the former absolute now."""
-    if key in ("uri", "output") and isinstance(value, str) and "://" not in value:
+    if key not in ("uri", "output"):
+        return value
+    if isinstance(value, list):
+        return [_absolute_if_local_path(key, v) for v in value]
+    if isinstance(value, str) and "://" not in value:
         return str(Path(value).absolute())
     return value
 
@@ -161,14 +171,18 @@ def validate_data(data: Any, pos: Positions, base_dir: Path) -> Pipeline:
     """Validate plain data; raise :class:`ConfigError` with every problem found."""
     if not isinstance(data, dict):
         raise ConfigError([pos.issue((), f"expected a mapping, got {_describe(data)}")])
-    issues: list[Issue] = []
+    issues: list[Issue] = list(pos.issues)
     plugins = data.get("plugins") or []
     try:
         import_plugins([str(p) for p in plugins] if isinstance(plugins, list) else [])
-    except ImportError as exc:
-        issues.append(pos.issue(("plugins",), f"cannot import plugin module: {exc}"))
+    except Exception as exc:  # a plugin is user code: any failure is a config problem
+        issues.append(
+            pos.issue(("plugins",), f"cannot import plugin module: {type(exc).__name__}: {exc}")
+        )
     try:
         spec = PipelineSpec.model_validate(data)
+    except RecursionError:
+        raise ConfigError([*issues, pos.issue((), "a YAML alias refers to itself")]) from None
     except ValidationError as exc:
         issues.extend(_issues(exc, (), pos))
         stages = data.get("stages")

@@ -11,8 +11,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ByteSize, ConfigDict, Field, field_validator
 
-from curate.stage import Resources, StageConfig
+from curate.stage import POS, RESERVED_COLUMNS, UNIT, Resources, StageConfig
 
+RESERVED_NAMES = {*RESERVED_COLUMNS, UNIT, POS}
 #: Column types a JSONL source may declare for its extra fields.
 ColumnType = Literal["string", "int64", "float64", "bool", "json"]
 
@@ -32,6 +33,14 @@ class SourceSpec(_Strict):
     id_column: str | None = None
     #: Extra fields to keep, with their types; for Parquet, None keeps all columns.
     columns: dict[str, ColumnType] | None = None
+
+    @field_validator("columns")
+    @classmethod
+    def _not_reserved(cls, value: dict[str, ColumnType] | None) -> dict[str, ColumnType] | None:
+        taken = sorted(set(value or {}) & RESERVED_NAMES)
+        if taken:
+            raise ValueError(f"column names not reserved by curate ({', '.join(taken)} are)")
+        return value
 
 
 class StageSpec(BaseModel):

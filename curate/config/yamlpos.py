@@ -49,6 +49,8 @@ class Positions:
     lines: dict[Loc, int] = field(default_factory=dict)
     #: Paths whose value came from a ``--set`` on the command line.
     overridden: set[Loc] = field(default_factory=set)
+    #: Problems found while reading (duplicate keys), reported with validation's.
+    issues: list[Issue] = field(default_factory=list)
 
     def line_of(self, loc: Loc) -> int | None:
         """Line of ``loc``, or of its nearest located ancestor."""
@@ -64,36 +66,39 @@ class Positions:
         return Issue(loc=loc, message=message, file=self.file, line=self.line_of(loc))
 
 
-def _walk(node: yaml.Node, loc: Loc, pos: Positions, issues: list[Issue]) -> None:
+def _walk(node: yaml.Node, loc: Loc, pos: Positions, issues: list[Issue], seen: set[int]) -> None:
     pos.lines.setdefault(loc, node.start_mark.line + 1)
+    if id(node) in seen:  # an alias: walked once already (also stops recursive anchors)
+        return
+    seen.add(id(node))
     if isinstance(node, yaml.MappingNode):
-        seen: set[str] = set()
+        keys: set[str] = set()
         for key_node, value_node in node.value:
             key = str(key_node.value)
             child = (*loc, key)
             pos.lines[child] = key_node.start_mark.line + 1
-            if key in seen:
+            if key in keys:
                 issues.append(pos.issue(child, f"duplicate key {key!r}"))
-            seen.add(key)
-            _walk(value_node, child, pos, issues)
+            keys.add(key)
+            _walk(value_node, child, pos, issues, seen)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
-            _walk(item, (*loc, i), pos, issues)
+            _walk(item, (*loc, i), pos, issues, seen)
 
 
 def load_yaml(text: str, file: str) -> tuple[Any, Positions]:
-    """Parse ``text`` safely; return plain data and the position of every value."""
+    """Parse ``text`` safely; return plain data and the position of every value.
+
+    Duplicate keys are kept in ``Positions.issues`` and reported with the rest.
+    """
     pos = Positions(file=file)
     try:
         loader = yaml.SafeLoader(text)
         try:
             node = loader.get_single_node()
-            issues: list[Issue] = []
             if node is None:
                 return {}, pos
-            _walk(node, (), pos, issues)
-            if issues:
-                raise ConfigError(issues)
+            _walk(node, (), pos, pos.issues, set())
             data = loader.construct_document(node)
         finally:
             loader.dispose()

@@ -72,16 +72,28 @@ def list_shards(uris: str | list[str], base_dir: Path) -> list[Shard]:
     for written in [uris] if isinstance(uris, str) else uris:
         if "://" in written:
             raise InputError(f"{written}: remote storage is not supported yet (local paths only)")
-        pattern = Path(written) if os.path.isabs(written) else base_dir / written
-        matches = sorted(glob.glob(str(pattern), recursive=True))
+        matches = _expand(written, base_dir)
         if not matches:
-            raise InputError(f"{written}: no file matches (looked for {pattern})")
+            where = written if os.path.isabs(written) else f"{written} under {base_dir}"
+            raise InputError(f"{written}: no file matches (looked for {where})")
         for match in matches:
             for path in _files_under(Path(match)):
                 shards[str(path)] = Shard(
                     _display(path, base_dir, written), str(path), path.stat().st_size
                 )
     return [shards[k] for k in sorted(shards)]
+
+
+def _expand(written: str, base_dir: Path) -> list[str]:
+    """An existing path as it is (even with glob characters in its name), else a glob;
+    a relative pattern is matched inside ``base_dir`` (whose own name may hold ``[``)."""
+    path = Path(written) if os.path.isabs(written) else base_dir / written
+    if path.exists():
+        return [str(path)]
+    if os.path.isabs(written):
+        return sorted(glob.glob(written, recursive=True))
+    found = glob.glob(written, root_dir=base_dir, recursive=True)
+    return sorted(str(base_dir / f) for f in found)
 
 
 def _files_under(path: Path) -> list[Path]:

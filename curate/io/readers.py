@@ -17,8 +17,8 @@ import gzip
 import hashlib
 import io
 import json
+import re
 import zlib
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,10 +92,22 @@ def _decompress(shard: Shard, data: bytes) -> bytes:
         if lower.endswith(".gz"):
             return gzip.decompress(data)
         if lower.endswith(".zst"):
-            return zstandard.ZstdDecompressor().decompressobj().decompress(data)
+            return _zstd_frames(shard, data)
     except (OSError, EOFError, zlib.error, zstandard.ZstdError) as exc:
         raise InputError(f"{shard.uri}: cannot decompress: {exc}") from exc
     return data
+
+
+def _zstd_frames(shard: Shard, data: bytes) -> bytes:
+    """Every frame of a zstd file; a truncated frame is an error, not a short read."""
+    out, rest = [], data
+    while rest:
+        frame = zstandard.ZstdDecompressor().decompressobj()
+        out.append(frame.decompress(rest))
+        if not frame.eof:
+            raise InputError(f"{shard.uri}: cannot decompress: truncated zstd frame")
+        rest = frame.unused_data
+    return b"".join(out)
 
 
 def _cast(value: Any, kind: ColumnType) -> Any:
@@ -226,12 +238,51 @@ class JsonlParser:
         return record, None
 
 
-class ParquetParser:
-    """Reads a Parquet shard; null or missing text becomes a quarantined row."""
+def as_string(array: pa.ChunkedArray) -> pa.ChunkedArray | None:
+    """A text-like column (string, large/view string, dictionary of strings) as string."""
+    kind = array.type
+    if pa.types.is_dictionary(kind):
+        kind = kind.value_type
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind):
+        return pc.cast(array, pa.string())
+    return None
 
-    def __init__(self, name: str, spec: SourceSpec) -> None:
+
+def cast_or_flag(
+    array: pa.ChunkedArray, kind: pa.DataType
+) -> tuple[pa.Array, np.ndarray[Any, np.dtype[np.bool_]]]:
+    """Cast a column; values that do not cast become null and are flagged.
+
+    The whole-column cast is tried first; only a column that fails is cast
+    value by value to find the rows at fault.
+    """
+    try:
+        return pc.cast(array, kind).combine_chunks(), np.zeros(len(array), dtype=bool)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+        pass
+    values, bad = [], np.zeros(len(array), dtype=bool)
+    for i, scalar in enumerate(array):
+        try:
+            values.append(scalar.cast(kind))
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+            values.append(pa.scalar(None, kind))
+            bad[i] = True
+    return pa.array([v.as_py() for v in values], kind), bad
+
+
+class ParquetParser:
+    """Reads a Parquet shard into the source's columns, row by row accountable.
+
+    A null text or id, or a value that does not cast to its column's type, is a
+    quarantined row; a missing column quarantines every row of the shard.
+    ``expected`` gives the extra columns and their types (declared, or the first
+    shard's schema when the source keeps every column).
+    """
+
+    def __init__(self, name: str, spec: SourceSpec, expected: dict[str, pa.DataType]) -> None:
         self.name = name
         self.spec = spec
+        self.expected = expected
 
     def read(self, shard: Shard, data: bytes) -> tuple[pa.Table, pa.Table]:
         try:
@@ -239,132 +290,120 @@ class ParquetParser:
         except (pa.ArrowInvalid, OSError) as exc:
             raise InputError(f"{shard.uri}: not a readable Parquet file: {exc}") from exc
         n = table.num_rows
-        rows = pa.array(np.arange(n, dtype=np.int64))
-        prov = _provenance(shard.uri, np.arange(n, dtype=np.int64))
-        reason = self._reasons(table, shard.uri)
-        bad = pc.is_valid(reason)
-        rejects = self._rejects(table, shard.uri, reason, prov, bad)
-        good = pc.invert(bad)
-        if self._missing(table):
-            kept = self._empty()
-        else:
-            kept = self._columns(table.filter(good), shard.uri, rows.filter(good))
-        return kept.append_column("provenance", prov.filter(good)), rejects
-
-    def _needed(self) -> list[str]:
-        optional = [self.spec.id_column] if self.spec.id_column else []
-        return [self.spec.text_column, *optional, *(self.spec.columns or {})]
-
-    def _missing(self, table: pa.Table) -> str | None:
-        return next((c for c in self._needed() if c not in table.column_names), None)
-
-    def _empty(self) -> pa.Table:
-        extras = [(c, ARROW_TYPES[k]) for c, k in (self.spec.columns or {}).items()]
-        return pa.schema([("id", pa.string()), ("text", pa.string()), *extras]).empty_table()
-
-    def _reasons(self, table: pa.Table, uri: str) -> pa.Array:
-        n = table.num_rows
-        missing = self._missing(table)
-        if missing is not None:
-            return pa.array([f"missing_column:{uri}: no column {missing!r}"] * n, pa.string())
-        text = table.column(self.spec.text_column)
-        if not pa.types.is_string(text.type) and not pa.types.is_large_string(text.type):
-            return pa.array([f"bad_text:{uri}: column is {text.type}"] * n, pa.string())
-        rows = np.arange(n)
-        detail = pc.binary_join_element_wise(
-            f"missing_text:{uri} row ", pa.array(rows.astype(str)), ": null text", ""
-        )
-        return pc.if_else(pc.is_null(text), detail, pa.nulls(n, pa.string()))
-
-    def _rejects(
-        self, table: pa.Table, uri: str, reason: pa.Array, prov: pa.Array, bad: pa.Array
-    ) -> pa.Table:
-        idx = np.flatnonzero(bad.to_numpy(zero_copy_only=False))
-        ids = [record_id(self.name, uri, int(i), b"") for i in idx]
-        return pa.table(
+        rows = np.arange(n, dtype=np.int64)
+        reason = np.full(n, None, dtype=object)
+        columns = self._columns(table, shard.uri, reason)
+        bad = reason != None  # noqa: E711 - elementwise
+        prov = _provenance(shard.uri, rows)
+        keep = pa.array(~bad)
+        ids = [record_id(self.name, shard.uri, int(i), b"") for i in np.flatnonzero(bad)]
+        rejects = pa.table(
             {
                 "id": pa.array(ids, pa.string()),
-                "stage": pa.array([self.name] * len(idx), pa.string()),
-                "reason": reason.filter(bad),
-                "value": pa.nulls(len(idx), pa.string()),
-                "provenance": prov.filter(bad),
+                "stage": pa.array([self.name] * len(ids), pa.string()),
+                "reason": pa.array(reason[bad], pa.string()),
+                "value": pa.nulls(len(ids), pa.string()),
+                "provenance": prov.filter(pa.array(bad)),
             },
             schema=REJECT_SCHEMA,
         )
+        kept = pa.table({k: v.filter(keep) for k, v in columns.items()})
+        kept = self._with_ids(kept, shard.uri, rows[~bad])
+        return kept.append_column("provenance", prov.filter(keep)), rejects
 
-    def _columns(self, table: pa.Table, uri: str, rows: pa.Array) -> pa.Table:
-        text = pc.cast(table.column(self.spec.text_column), pa.string())
-        if self.spec.id_column:
-            ids = pc.cast(table.column(self.spec.id_column), pa.string())
-        else:
-            texts = text.to_pylist()
-            ids = pa.array(
-                [
-                    record_id(self.name, uri, int(r), t)
-                    for r, t in zip(rows.to_pylist(), texts, strict=True)
-                ],
-                pa.string(),
-            )
-        out = {"id": ids, "text": text}
-        keep: dict[str, ColumnType | None] = dict(self.spec.columns or {}) or dict.fromkeys(
-            table.column_names
+    def _flag(self, reason: Any, mask: Any, text: str) -> None:
+        """Give rows in ``mask`` that have no reason yet the reason ``text`` (row appended)."""
+        for i in np.flatnonzero(mask & (reason == None)):  # noqa: E711 - elementwise
+            reason[i] = text.format(row=i)
+
+    def _columns(self, table: pa.Table, uri: str, reason: Any) -> dict[str, pa.Array]:
+        n = table.num_rows
+        spec = self.spec
+        wanted = [spec.text_column, *([spec.id_column] if spec.id_column else [])]
+        missing = [c for c in wanted if c not in table.column_names]
+        if missing:
+            self._flag(reason, np.ones(n, bool), f"missing_column:{uri}: no column {missing[0]!r}")
+            return {
+                "id": pa.nulls(n, pa.string()),
+                "text": pa.nulls(n, pa.string()),
+                **{c: pa.nulls(n, t) for c, t in self.expected.items()},
+            }
+        text = as_string(table.column(spec.text_column))
+        if text is None:
+            kind = table.column(spec.text_column).type
+            self._flag(reason, np.ones(n, bool), f"bad_text:{uri}: text column is {kind}")
+            text = pa.chunked_array([pa.nulls(n, pa.string())])
+        self._flag(
+            reason,
+            pc.is_null(text).to_numpy(zero_copy_only=False),
+            f"missing_text:{uri} row {{row}}: null text",
         )
-        for column, kind in keep.items():
-            if (
-                column in out
-                or column in RESERVED_COLUMNS
-                or column in (self.spec.text_column, self.spec.id_column)
-            ):
+        out: dict[str, pa.Array] = {"text": text.combine_chunks()}
+        if spec.id_column:
+            ids, bad_ids = cast_or_flag(table.column(spec.id_column), pa.string())
+            nulls = pc.is_null(ids).to_numpy(zero_copy_only=False)
+            self._flag(reason, nulls | bad_ids, f"missing_id:{uri} row {{row}}: no usable id")
+            out["id"] = ids
+        for column, kind in self.expected.items():
+            if column not in table.column_names:
+                out[column] = pa.nulls(n, kind)
                 continue
-            array = table.column(column)
-            out[column] = pc.cast(array, ARROW_TYPES[kind]) if kind else array
-        return pa.table(out)
+            values, bad = cast_or_flag(table.column(column), kind)
+            self._flag(reason, bad, f"bad_column:{uri} row {{row}}: {column!r} is not {kind}")
+            out[column] = values
+        return out
+
+    def _with_ids(self, kept: pa.Table, uri: str, rows: np.ndarray[Any, Any]) -> pa.Table:
+        if "id" in kept.column_names:
+            return kept.select(["id", *[c for c in kept.column_names if c != "id"]])
+        texts = kept.column("text").to_pylist()
+        ids = [record_id(self.name, uri, int(r), t) for r, t in zip(rows, texts, strict=True)]
+        return kept.add_column(0, "id", pa.array(ids, pa.string()))
 
 
-def read_unit(unit: Unit, spec: SourceSpec) -> tuple[pa.Table, pa.Table, list[InputInfo]]:
-    """Records, quarantined rows and input facts for one unit."""
+def declared_columns(spec: SourceSpec) -> dict[str, pa.DataType]:
+    return {c: ARROW_TYPES[k] for c, k in (spec.columns or {}).items()}
+
+
+def read_unit(
+    unit: Unit, spec: SourceSpec, expected: dict[str, pa.DataType] | None = None
+) -> tuple[pa.Table, pa.Table, list[InputInfo]]:
+    """Records, quarantined rows and input facts for one unit.
+
+    ``expected``: the extra columns every shard is cast to (default: the
+    declared ``columns``), so all units of a source share one schema.
+    """
+    expected = declared_columns(spec) if expected is None else expected
     tables: list[pa.Table] = []
     rejects: list[pa.Table] = []
     inputs: list[InputInfo] = []
     for shard in unit.shards:
         data = read_bytes(shard)
         digest = hashlib.sha256(data).hexdigest()
-        table, bad = _read_shard(unit, spec, shard, data)
+        table, bad = _read_shard(unit, spec, shard, data, expected)
         tables.append(table)
         rejects.append(bad)
         inputs.append(
             InputInfo(unit.source, shard.uri, len(data), digest, table.num_rows + bad.num_rows)
         )
-    merged = pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({})
+    merged = pa.concat_tables(tables)
     merged = merged.append_column(UNIT, pa.array(np.full(merged.num_rows, unit.index, np.int64)))
     merged = merged.append_column(POS, pa.array(np.arange(merged.num_rows, dtype=np.int64)))
     return merged, pa.concat_tables(rejects), inputs
 
 
 def _read_shard(
-    unit: Unit, spec: SourceSpec, shard: Shard, data: bytes
+    unit: Unit, spec: SourceSpec, shard: Shard, data: bytes, expected: dict[str, pa.DataType]
 ) -> tuple[pa.Table, pa.Table]:
     fmt = spec.format or infer_format(shard.path)
     if fmt == "parquet":
-        table, bad = ParquetParser(unit.source, spec).read(shard, data)
+        table, bad = ParquetParser(unit.source, spec, expected).read(shard, data)
     elif fmt == "jsonl":
         table, bad = _jsonl_tables(unit.source, spec, shard, _decompress(shard, data))
     else:
         raise InputError(f"{shard.uri}: unknown format; set 'format: jsonl' or 'format: parquet'")
-    table = _ordered(table, spec)
+    table = table.select(["id", "text", "provenance", *expected])
     return table.append_column("source", pa.array([unit.source] * table.num_rows, pa.string())), bad
-
-
-def _ordered(table: pa.Table, spec: SourceSpec) -> pa.Table:
-    """Reserved columns first, in a fixed order, then the declared extras."""
-    names = ["id", "text", "provenance"]
-    extras = [c for c in table.column_names if c not in names]
-    table = table.select(names + extras)
-    if spec.columns:
-        for column, kind in spec.columns.items():
-            i = table.schema.get_field_index(column)
-            table = table.set_column(i, column, pc.cast(table.column(column), ARROW_TYPES[kind]))
-    return table
 
 
 def _provenance(uri: str, rows: list[int] | np.ndarray[Any, Any]) -> pa.StructArray:
@@ -377,6 +416,7 @@ def _provenance(uri: str, rows: list[int] | np.ndarray[Any, Any]) -> pa.StructAr
 def _jsonl_tables(
     name: str, spec: SourceSpec, shard: Shard, data: bytes
 ) -> tuple[pa.Table, pa.Table]:
+    data = data.removeprefix(BOM)
     fast = _fast_jsonl(name, spec, shard, data)
     if fast is not None:
         return fast, REJECT_SCHEMA.empty_table()
@@ -388,6 +428,11 @@ def _jsonl_tables(
     return table, pa.Table.from_pylist(parsed.rejects, schema=REJECT_SCHEMA)
 
 
+BOM = b"\xef\xbb\xbf"
+#: A blank or whitespace-only line (Arrow skips them; the strict parser reports them).
+BLANK_LINE = re.compile(rb"(?:^|\n)[ \t\r]*(?:\n|$)")
+
+
 def _fast_jsonl(name: str, spec: SourceSpec, shard: Shard, data: bytes) -> pa.Table | None:
     """Arrow's JSON reader, for shards where every line is a clean record.
 
@@ -397,7 +442,12 @@ def _fast_jsonl(name: str, spec: SourceSpec, shard: Shard, data: bytes) -> pa.Ta
     given as JSON numbers also take the strict path (they are str()-ed there).
     """
     columns = spec.columns or {}
-    if not data or "json" in columns.values():
+    if (
+        not data
+        or "json" in columns.values()
+        or BOM in data
+        or BLANK_LINE.search(data.removesuffix(b"\n"))
+    ):
         return None
     fields = [(spec.text_column, pa.string())]
     if spec.id_column:
@@ -428,8 +478,3 @@ def _fast_jsonl(name: str, spec: SourceSpec, shard: Shard, data: bytes) -> pa.Ta
     out = {"id": ids, "text": text, **{c: table.column(c) for c in columns}}
     rows = np.arange(table.num_rows, dtype=np.int64)
     return pa.table(out).append_column("provenance", _provenance(shard.uri, rows))
-
-
-def iter_unit_files(units: list[Unit]) -> Iterator[Shard]:
-    for unit in units:
-        yield from unit.shards
