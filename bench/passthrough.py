@@ -1,6 +1,6 @@
 """Benchmark: read -> text_stats + length_filter -> write, curate vs plain pyarrow.
 
-Both sides read the same Parquet shards, compute the same four statistics
+Both sides read the same Parquet (or JSONL) shards, compute the same four statistics
 with the same Arrow kernels, drop documents outside the same word bounds and
 write zstd Parquet.  Plain pyarrow does it in one process with no lineage;
 curate runs on an embedded local Ray with every core and also writes ids,
@@ -10,7 +10,8 @@ Documents are realistic: random windows of 20-400 words over the sections
 of the bundled Python documentation corpus (so lengths, vocabulary and
 Unicode are real text, and some windows fall under the length bound).
 
-    python bench/passthrough.py              # 1,000,000 documents
+    python bench/passthrough.py                  # 1,000,000 documents, Parquet
+    python bench/passthrough.py --format jsonl   # the same as JSON lines (pyarrow.json beside us)
     python bench/passthrough.py --docs 200000
 """
 
@@ -28,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,7 +40,7 @@ MIN_WORDS, MAX_WORDS = 30, 2000
 PIPELINE = f"""\
 name: bench_passthrough
 sources:
-  docs: {{uri: shards/*.parquet, columns: {{url: string}}}}
+  docs: {{uri: "shards/*.{{ext}}", columns: {{url: string}}}}
 stages:
   stats: {{type: text_stats}}
   length: {{type: length_filter, min_words: {MIN_WORDS}, max_words: {MAX_WORDS}}}
@@ -48,9 +50,9 @@ execution: {{unit_bytes: 16MiB, shard_bytes: 128MiB}}
 """
 
 
-def make_corpus(n_docs: int, n_shards: int, seed: int = 0) -> Path:
-    """Write ``n_docs`` documents into ``n_shards`` Parquet files (cached)."""
-    folder = WORK / f"docs-{n_docs}-{n_shards}"
+def make_corpus(n_docs: int, n_shards: int, fmt: str, seed: int = 0) -> Path:
+    """Write ``n_docs`` documents into ``n_shards`` Parquet or JSONL files (cached)."""
+    folder = WORK / f"docs-{n_docs}-{n_shards}-{fmt}"
     if (folder / "DONE").exists():
         return folder
     words: list[str] = []
@@ -68,8 +70,14 @@ def make_corpus(n_docs: int, n_shards: int, seed: int = 0) -> Path:
         starts = rng.integers(0, len(vocab) - 400, per)
         texts = [" ".join(vocab[a : a + n]) for a, n in zip(starts, lengths, strict=True)]
         urls = [f"https://example.org/{s}/{i}" for i in range(per)]
-        pq.write_table(pa.table({"text": texts, "url": urls}), shard_dir / f"part-{s:04d}.parquet")
-    (folder / "pipeline.yaml").write_text(PIPELINE)
+        table = pa.table({"text": texts, "url": urls})
+        if fmt == "parquet":
+            pq.write_table(table, shard_dir / f"part-{s:04d}.parquet")
+        else:
+            with open(shard_dir / f"part-{s:04d}.jsonl", "w", encoding="utf-8") as handle:
+                for row in table.to_pylist():
+                    handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    (folder / "pipeline.yaml").write_text(PIPELINE.replace("{ext}", fmt))
     (folder / "DONE").write_text("ok")
     return folder
 
@@ -82,8 +90,8 @@ def plain_pyarrow(folder: Path, out: Path) -> tuple[float, int]:
     out.mkdir(parents=True)
     start = time.perf_counter()
     kept = 0
-    for i, path in enumerate(sorted((folder / "shards").glob("*.parquet"))):
-        table = pq.read_table(path)
+    for i, path in enumerate(sorted((folder / "shards").iterdir())):
+        table = pq.read_table(path) if path.suffix == ".parquet" else pa_json.read_json(path)
         for name, column in text_stats(table.column("text")).items():
             table = table.append_column(name, column)
         words = table.column("n_words")
@@ -116,12 +124,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--docs", type=int, default=1_000_000)
     parser.add_argument("--shards", type=int, default=32)
+    parser.add_argument("--format", choices=["parquet", "jsonl"], default="parquet")
     args = parser.parse_args()
     t0 = time.perf_counter()
-    folder = make_corpus(args.docs, args.shards)
-    size = sum(p.stat().st_size for p in (folder / "shards").glob("*.parquet"))
+    folder = make_corpus(args.docs, args.shards, args.format)
+    size = sum(p.stat().st_size for p in (folder / "shards").iterdir())
     print(
-        f"corpus: {args.docs:,} docs, {args.shards} shards, {size / 2**20:.0f} MiB "
+        f"corpus: {args.docs:,} docs, {args.shards} {args.format} shards, {size / 2**20:.0f} MiB "
         f"(ready in {time.perf_counter() - t0:.0f} s)"
     )
     plain_s, plain_kept = plain_pyarrow(folder, WORK.parent / "out" / "plain")

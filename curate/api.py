@@ -51,15 +51,15 @@ def prepare_output(out: str, overwrite: bool) -> None:
     if not root.exists() or not any(root.iterdir()):
         return
     is_run = (root / RUN_MARKER).exists() or (root / "manifest.json").exists()
-    if not overwrite:
+    if not overwrite and is_run:
         raise OutputExistsError(
-            f"output folder {out} is not empty; pass --overwrite to replace "
-            "the previous run, or choose another --output"
+            f"output folder {out} holds a previous run; pass --overwrite to replace it, "
+            "or choose another --output"
         )
     if not is_run:
         raise OutputExistsError(
             f"output folder {out} holds files that are not a curate run "
-            f"(no {RUN_MARKER} or manifest.json); refusing to delete them"
+            f"(no {RUN_MARKER} or manifest.json); choose another --output"
         )
     shutil.rmtree(root)
 

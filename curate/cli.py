@@ -16,8 +16,8 @@ app = typer.Typer(
     no_args_is_help=True,
     help="Curate LLM and multimodal training data with Ray.",
 )
-err = Console(stderr=True)
-out = Console()
+err = Console(stderr=True, soft_wrap=True)  # one problem per line, even when piped
+out = Console(width=None if Console().is_terminal else 160)
 
 SetOption = Annotated[
     list[str] | None,

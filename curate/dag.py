@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-from curate.config.load import Pipeline
+from curate.config.load import Pipeline, unknown_input
 from curate.config.model import BoundStage
 from curate.config.yamlpos import ConfigError, Issue, Loc
 from curate.io.files import InputError, Shard, infer_format, list_shards
@@ -61,6 +61,8 @@ class Plan:
     materialized: set[str] = field(default_factory=set)
     #: Materialized nodes already written during a run.
     materialized_done: set[str] = field(default_factory=set)
+    #: Columns arriving at each stage (for a multi-input stage: the union by name).
+    input_columns: dict[str, dict[str, pa.DataType]] = field(default_factory=dict)
 
 
 def instantiate(bound: BoundStage, seed: int) -> Stage:
@@ -150,14 +152,12 @@ def _check_inputs(
     for name, bound in pipeline.stages.items():
         for parent in bound.inputs:
             if parent not in known:
-                issues.append(line(("stages", name, "input"), _unknown(parent, known)))
+                issues.append(
+                    line(("stages", name, "input"), unknown_input(parent, known - {name}))
+                )
     for name, sink in pipeline.spec.sinks.items():
         if sink.input not in known:
-            issues.append(line(("sinks", name, "input"), _unknown(sink.input, known)))
-
-
-def _unknown(name: str, known: set[str]) -> str:
-    return f"expected the name of a source or stage ({', '.join(sorted(known))}), got {name!r}"
+            issues.append(line(("sinks", name, "input"), unknown_input(sink.input, known)))
 
 
 def _check_columns(
@@ -165,23 +165,50 @@ def _check_columns(
 ) -> None:
     for name in order:
         bound = plan.pipeline.stages[name]
-        parents = [plan.columns.get(p) for p in bound.inputs]
-        if any(p is None for p in parents):
+        parents = [plan.columns[p] for p in bound.inputs if p in plan.columns]
+        if len(parents) != len(bound.inputs):
             continue
-        available = dict(parents[0] or {})
-        for other in parents[1:]:
-            available = {k: v for k, v in available.items() if k in (other or {})}
+        available = _union_by_name(name, bound.inputs, parents, issues, line)
+        common = [c for c in available if all(c in p for p in parents)]
         stage = plan.stages[name]
         for column in stage.reads():
-            if column not in available:
+            if column not in common:
                 issues.append(
                     line(
                         ("stages", name),
                         f"reads column {column!r}, which no upstream stage writes "
-                        f"(available: {', '.join(sorted(available))})",
+                        f"(available: {', '.join(sorted(common))})",
                     )
                 )
+        plan.input_columns[name] = available
         plan.columns[name] = {**available, **stage.writes()}
+
+
+def _union_by_name(
+    name: str,
+    inputs: tuple[str, ...],
+    parents: list[dict[str, pa.DataType]],
+    issues: list[Issue],
+    line: Callable[[Loc, str], Issue],
+) -> dict[str, pa.DataType]:
+    """Columns of a union of inputs: all of them, by name; a name must keep one type.
+
+    Rows of an input that lacks a column get nulls there; a stage may only read
+    columns that every input has.
+    """
+    available = dict(parents[0])
+    for parent, other in zip(inputs[1:], parents[1:], strict=True):
+        for column, kind in other.items():
+            if column in available and not available[column].equals(kind):
+                issues.append(
+                    line(
+                        ("stages", name, "input"),
+                        f"column {column!r} is {available[column]} in {inputs[0]!r} but {kind} "
+                        f"in {parent!r}; a union needs one type per column",
+                    )
+                )
+            available.setdefault(column, kind)
+    return available
 
 
 def _sources_of(pipeline: Pipeline, node: str, seen: frozenset[str] = frozenset()) -> set[str]:

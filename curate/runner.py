@@ -86,6 +86,8 @@ class UnitRead:
     node: str | None = None
     apply: str | None = None
     columns: tuple[str, ...] | None = None
+    #: For a union of inputs: the schema every unit is conformed to.
+    conform: dict[str, pa.DataType] | None = None
 
 
 def load_unit(task: UnitRead, layout: Layout) -> pa.Table:
@@ -122,9 +124,24 @@ def _load_rows(task: UnitRead, layout: Layout, start: float) -> pa.Table:
     columns = list(task.columns) if task.columns else None
     table = pq.read_table(layout.work(task.node, task.unit.index), columns=columns)
     table = table.replace_schema_metadata(None)
+    if task.conform is not None and columns is None:
+        table = conform(table, task.conform)
     if task.apply is None:
         return table
     return _apply_decisions(table, task.apply, task.unit.index, layout, start)
+
+
+def conform(table: pa.Table, schema: dict[str, pa.DataType]) -> pa.Table:
+    """``table`` with exactly the columns of ``schema`` (missing ones null), then the
+    internal columns: units of different inputs of a union share one schema."""
+    n = table.num_rows
+    columns = {
+        c: table.column(c) if c in table.column_names else pa.nulls(n, kind)
+        for c, kind in schema.items()
+    }
+    columns[UNIT] = table.column(UNIT)
+    columns[POS] = table.column(POS)
+    return pa.table(columns)
 
 
 def _apply_decisions(
@@ -399,6 +416,8 @@ class Runner:
     def _reads(self, segment: Segment, columns: tuple[str, ...] | None = None) -> list[UnitRead]:
         reads = []
         specs = self.plan.pipeline.spec.sources
+        first = segment.apply or (segment.stages[0] if segment.stages else None)
+        union = self.plan.input_columns.get(first) if first and len(segment.inputs) > 1 else None
         for node in segment.inputs:
             for unit in self.node_units(node):
                 if node in specs and node not in self.plan.materialized_done:
@@ -409,7 +428,11 @@ class Runner:
                     }
                     reads.append(UnitRead(unit, source_spec=specs[node], expected=extras))
                 else:
-                    reads.append(UnitRead(unit, node=node, apply=segment.apply, columns=columns))
+                    reads.append(
+                        UnitRead(
+                            unit, node=node, apply=segment.apply, columns=columns, conform=union
+                        )
+                    )
         return sorted(reads, key=lambda r: r.unit.index)
 
     def _targets(self, segment: Segment) -> list[Target]:

@@ -42,7 +42,10 @@ class LengthFilter(Filter):
     config: LengthFilterConfig
 
     def reads(self) -> Sequence[str]:
-        return ("n_chars", "n_words")
+        cfg = self.config
+        chars = ("n_chars",) if cfg.min_chars is not None or cfg.max_chars is not None else ()
+        words = ("n_words",) if cfg.min_words is not None or cfg.max_words is not None else ()
+        return chars + words
 
     def decide(self, batch: pa.Table) -> Verdict:
         cfg = self.config

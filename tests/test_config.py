@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -102,7 +103,8 @@ def test_overrides_set_any_field(pipeline_file: Callable[[str], Path], tmp_path:
     )
     assert p.stages["length"].config.model_dump()["min_words"] == 50
     assert p.spec.seed == 7
-    assert p.spec.sources["docs"].uri == str(Path("other/*.jsonl").absolute())
+    rebased = os.path.relpath(Path("other/*.jsonl").absolute(), p.base_dir)
+    assert p.spec.sources["docs"].uri == rebased
 
 
 def test_override_errors_name_the_command_line(pipeline_file: Callable[[str], Path]) -> None:
@@ -181,7 +183,8 @@ def test_set_with_a_list_of_paths_is_relative_to_the_current_folder(
     pipeline_file: Callable[[str], Path],
 ) -> None:
     p = load_pipeline(pipeline_file(GOOD), ["sources.docs.uri=[a.jsonl, /abs/b.jsonl]"])
-    assert p.spec.sources["docs"].uri == [str(Path("a.jsonl").absolute()), "/abs/b.jsonl"]
+    rebased = os.path.relpath(Path("a.jsonl").absolute(), p.base_dir)
+    assert p.spec.sources["docs"].uri == [rebased, "/abs/b.jsonl"]
 
 
 def test_reserved_column_names_are_refused(pipeline_file: Callable[[str], Path]) -> None:
@@ -192,3 +195,15 @@ def test_reserved_column_names_are_refused(pipeline_file: Callable[[str], Path])
         ConfigError, match=r"sources.docs.columns: expected column names not reserved"
     ):
         load_pipeline(pipeline_file(bad))
+
+
+def test_bad_inputs_are_reported_with_config_errors(pipeline_file: Callable[[str], Path]) -> None:
+    bad = GOOD.replace("    min_words: 3", "    min_words: 3\n    input: statz\n    colour: red")
+    with pytest.raises(ConfigError) as info:
+        load_pipeline(pipeline_file(bad))
+    text = str(info.value)
+    assert "stages.length.colour: unknown key 'colour'" in text
+    assert (
+        "stages.length.input: expected the name of a source or stage (docs, stats), got 'statz'"
+        in text
+    )

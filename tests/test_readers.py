@@ -34,7 +34,7 @@ def test_good_lines_keep_provenance_and_declared_columns(tmp_path: Path) -> None
     p.write_text('{"text": "x", "url": "u1", "n": 3}\n{"text": "y", "other": 1}\n')
     table, rejects = read(p)
     assert rejects.num_rows == 0
-    assert table.column_names == ["id", "text", "provenance", "url", "n", "source", "_unit", "_pos"]
+    assert table.column_names == ["id", "text", "source", "provenance", "url", "n", "_unit", "_pos"]
     assert table.column("provenance").to_pylist() == [
         {"uri": "a.jsonl", "row": 0},
         {"uri": "a.jsonl", "row": 1},

@@ -132,7 +132,7 @@ stages:
   a: {type: text_stats, input: c}
   b: {type: length_filter, input: a, min_words: 1}
   c: {type: text_stats, input: b}
-  filt: {type: length_filter, input: docs}
+  filt: {type: length_filter, input: docs, min_words: 1}
   ghost: {type: text_stats, input: nowhere}
   dep: {type: needs_missing_module, input: docs}
 sinks:
@@ -152,9 +152,9 @@ def test_dag_errors_all_reported_together(
     assert f"{path}:11: stages.ghost.input: expected the name of a source or stage" in text
     assert "cycle in the graph: a -> c -> b -> a" in text
     assert "unused: output is never used" in text
-    assert "stages.filt: reads column 'n_chars', which no upstream stage writes" in text
+    assert "stages.filt: reads column 'n_words', which no upstream stage writes" in text
     assert "pip install surely-not-installed-xyz==1.0" in text
-    assert len(info.value.issues) == 7  # ghost is also unused; filt lacks two columns
+    assert len(info.value.issues) == 6  # ghost is also unused
 
 
 BRANCHY = """\

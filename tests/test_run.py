@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import write_jsonl
@@ -215,7 +216,7 @@ def test_output_folder_is_never_mixed_with_an_older_run(project: Path, tmp_path:
 
     out = tmp_path / "out"
     run(str(project), str(out))
-    with pytest.raises(OutputExistsError, match="pass --overwrite"):
+    with pytest.raises(OutputExistsError, match="holds a previous run; pass --overwrite"):
         run(str(project), str(out))
     stale = out / "out" / "part-999999-0000.parquet"
     stale.write_bytes(b"old")
@@ -224,8 +225,9 @@ def test_output_folder_is_never_mixed_with_an_older_run(project: Path, tmp_path:
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "thesis.tex").write_text("precious")
-    with pytest.raises(OutputExistsError, match="not a curate run"):
-        run(str(project), str(foreign), overwrite=True)
+    for overwrite in (False, True):
+        with pytest.raises(OutputExistsError, match=r"not a curate run.*choose another --output"):
+            run(str(project), str(foreign), overwrite=overwrite)
     assert (foreign / "thesis.tex").read_text() == "precious"
 
 
@@ -275,3 +277,44 @@ def test_a_failed_run_can_be_replaced(tmp_path: Path, pipeline_file: Callable[[s
     (data / "b.jsonl.gz").unlink()
     m = run(str(path), str(tmp_path / "out"), overwrite=True).manifest
     assert m["stages"][0]["rows_in"] == 1
+
+
+def test_union_of_sources_has_one_schema(
+    tmp_path: Path, pipeline_file: Callable[[str], Path]
+) -> None:
+    write_jsonl(
+        tmp_path / "web" / "w.jsonl", [{"text": f"web page {i}", "url": f"u{i}"} for i in range(3)]
+    )
+    (tmp_path / "books").mkdir()
+    pq.write_table(
+        pa.table({"text": [f"book {i} text" for i in range(2)], "year": [1999, 2001]}),
+        tmp_path / "books" / "b.parquet",
+    )
+    path = pipeline_file("""\
+name: union
+sources:
+  web: {uri: web/*.jsonl, columns: {url: string}}
+  books: {uri: books/*.parquet}
+stages:
+  both: {type: text_stats, input: [web, books]}
+sinks:
+  out: {input: both}
+""")
+    run(str(path), str(tmp_path / "out"))
+    shards = sorted((tmp_path / "out" / "out").glob("*.parquet"))
+    schemas = {pq.read_schema(s).remove_metadata() for s in shards}
+    assert len(shards) == 2 and len(schemas) == 1
+    table = pq.read_table(tmp_path / "out" / "out")
+    assert table.column_names[:6] == ["id", "text", "source", "provenance", "url", "year"]
+    rows = {r["text"]: r for r in table.to_pylist()}
+    assert rows["web page 1"]["url"] == "u1" and rows["web page 1"]["year"] is None
+    assert rows["book 1 text"]["year"] == 2001 and rows["book 1 text"]["n_words"] == 3
+
+    conflict = pipeline_file(
+        path.read_text().replace("columns: {url: string}", "columns: {url: string, year: string}"),
+        "conflict.yaml",
+    )
+    from curate.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"column 'year' is string in 'web' but int64 in 'books'"):
+        run(str(conflict), str(tmp_path / "out2"))

@@ -91,7 +91,9 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str], pos: Positions) -> None:
+def apply_overrides(
+    data: dict[str, Any], overrides: list[str], pos: Positions, base_dir: Path
+) -> None:
     """Set each ``KEY=VALUE``; the location of an overridden value becomes ``--set``."""
     for item in overrides:
         path, value = parse_override(item)
@@ -102,19 +104,20 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], pos: Positions) 
             node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError([Issue(tuple(path), f"cannot set inside {node!r}", "--set")])
-        node[path[-1]] = _absolute_if_local_path(path[-1], value)
+        node[path[-1]] = _rebase(path[-1], value, base_dir)
         pos.overridden.add(tuple(path))
 
 
-def _absolute_if_local_path(key: str, value: Any) -> Any:
-    """Paths given on the command line are relative to the current directory,
-    paths in the file to the file's directory: make the former absolute now."""
+def _rebase(key: str, value: Any, base_dir: Path) -> Any:
+    """Paths on the command line are relative to the current folder, paths in the
+    file to the file's folder: rewrite the former relative to the file's folder, so
+    that the same files give the same provenance (and ids) whichever way they came."""
     if key not in ("uri", "output"):
         return value
     if isinstance(value, list):
-        return [_absolute_if_local_path(key, v) for v in value]
-    if isinstance(value, str) and "://" not in value:
-        return str(Path(value).absolute())
+        return [_rebase(key, v, base_dir) for v in value]
+    if isinstance(value, str) and "://" not in value and not os.path.isabs(value):
+        return os.path.relpath(Path(value).absolute(), base_dir)
     return value
 
 
@@ -188,12 +191,36 @@ def validate_data(data: Any, pos: Positions, base_dir: Path) -> Pipeline:
         stages = data.get("stages")
         if isinstance(stages, dict):
             _check_stage_params_only(stages, pos, issues)
+        _check_raw_inputs(data, pos, issues)
         raise ConfigError(issues) from None
     _check_names(spec, pos, issues)
     bound = _bind_stages(spec, pos, issues)
     if issues:
+        _check_raw_inputs(data, pos, issues)
         raise ConfigError(issues)
     return Pipeline(spec=spec, stages=bound, file=pos.file, base_dir=base_dir, positions=pos)
+
+
+def unknown_input(name: str, known: set[str]) -> str:
+    """The message for an ``input:`` that names no source or stage."""
+    return f"expected the name of a source or stage ({', '.join(sorted(known))}), got {name!r}"
+
+
+def _check_raw_inputs(data: dict[str, Any], pos: Positions, issues: list[Issue]) -> None:
+    """When the file itself is invalid, still report inputs that name nothing."""
+    sections: dict[str, dict[str, Any]] = {}
+    for key in ("sources", "stages", "sinks"):
+        value = data.get(key)
+        sections[key] = value if isinstance(value, dict) else {}
+    nodes = {*sections["sources"], *sections["stages"]}
+    for section in ("stages", "sinks"):
+        for name, raw in sections[section].items():
+            wanted = raw.get("input") if isinstance(raw, dict) else None
+            parents = [wanted] if isinstance(wanted, str) else wanted
+            for parent in parents if isinstance(parents, list) else []:
+                if isinstance(parent, str) and parent not in nodes:
+                    message = unknown_input(parent, nodes - {name})
+                    issues.append(pos.issue((section, name, "input"), message))
 
 
 def _check_stage_params_only(stages: dict[str, Any], pos: Positions, issues: list[Issue]) -> None:
@@ -220,7 +247,7 @@ def load_pipeline(path: str | os.PathLike[str], overrides: list[str] | None = No
     if overrides:
         if not isinstance(data, dict):
             raise ConfigError([pos.issue((), "expected a mapping at the top level")])
-        apply_overrides(data, overrides, pos)
+        apply_overrides(data, overrides, pos, file.resolve().parent)
     return validate_data(data, pos, file.resolve().parent)
 
 

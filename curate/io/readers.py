@@ -402,8 +402,9 @@ def _read_shard(
         table, bad = _jsonl_tables(unit.source, spec, shard, _decompress(shard, data))
     else:
         raise InputError(f"{shard.uri}: unknown format; set 'format: jsonl' or 'format: parquet'")
-    table = table.select(["id", "text", "provenance", *expected])
-    return table.append_column("source", pa.array([unit.source] * table.num_rows, pa.string())), bad
+    source = pa.array([unit.source] * table.num_rows, pa.string())
+    table = table.add_column(2, "source", source)
+    return table.select(["id", "text", "source", "provenance", *expected]), bad
 
 
 def _provenance(uri: str, rows: list[int] | np.ndarray[Any, Any]) -> pa.StructArray:
