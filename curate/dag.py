@@ -109,40 +109,80 @@ def _topo_order(
 def _source_columns(
     pipeline: Pipeline, name: str, shards: list[Shard], issues: list[Issue]
 ) -> dict[str, pa.DataType]:
-    """Reserved columns plus the extras: declared, or the first Parquet shard's schema."""
+    """Reserved columns plus the extras: declared, or for Parquet the schema unified
+    over every shard's footer (null columns and narrower types widen)."""
     spec = pipeline.spec.sources[name]
-    columns: dict[str, pa.DataType] = dict(RESERVED_COLUMNS)
-    if spec.columns is not None:
-        columns.update({c: ARROW_TYPES[k] for c, k in spec.columns.items()})
-        return columns
-    if not shards or (spec.format or infer_format(shards[0].path)) != "parquet":
-        return columns
-    import pyarrow.parquet as pq
-
-    try:
-        schema = pq.read_schema(shards[0].path)
-    except (pa.ArrowException, OSError) as exc:
+    where: Loc = ("sources", name)
+    formats = {spec.format or infer_format(s.path) for s in shards}
+    if len(formats) > 1:
+        found = ", ".join(sorted(str(f) for f in formats))
         issues.append(
             pipeline.positions.issue(
-                ("sources", name, "uri"), f"{shards[0].uri}: not a readable Parquet file: {exc}"
+                (*where, "uri"), f"one source, one format: found {found}; split it into two sources"
             )
         )
-        return columns
-    taken = {spec.text_column, spec.id_column}
+        return dict(RESERVED_COLUMNS)
+    fmt = formats.pop() if formats else None
+    if spec.columns is not None:
+        if fmt == "parquet" and "json" in spec.columns.values():
+            issues.append(
+                pipeline.positions.issue(
+                    (*where, "columns"),
+                    "type 'json' is for JSONL sources; Parquet columns keep their type",
+                )
+            )
+        return {**RESERVED_COLUMNS, **{c: ARROW_TYPES[k] for c, k in spec.columns.items()}}
+    if fmt != "parquet":
+        return dict(RESERVED_COLUMNS)
+    schema = _unified_parquet_schema(pipeline, name, shards, issues)
+    return {**RESERVED_COLUMNS, **_extra_columns(pipeline, name, schema, shards[0].uri, issues)}
+
+
+def _unified_parquet_schema(
+    pipeline: Pipeline, name: str, shards: list[Shard], issues: list[Issue]
+) -> pa.Schema:
+    import pyarrow.parquet as pq
+
+    schemas = []
+    for shard in shards:
+        try:
+            schemas.append(pq.read_schema(shard.path))
+        except (pa.ArrowException, OSError) as exc:
+            issues.append(
+                pipeline.positions.issue(
+                    ("sources", name, "uri"), f"{shard.uri}: not a readable Parquet file: {exc}"
+                )
+            )
+    try:
+        return pa.unify_schemas(schemas, promote_options="permissive") if schemas else pa.schema([])
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        issues.append(
+            pipeline.positions.issue(
+                ("sources", name), f"the shards' schemas do not agree: {exc}; declare 'columns:'"
+            )
+        )
+        return pa.schema([])
+
+
+def _extra_columns(
+    pipeline: Pipeline, name: str, schema: pa.Schema, first: str, issues: list[Issue]
+) -> dict[str, pa.DataType]:
+    spec = pipeline.spec.sources[name]
+    extras: dict[str, pa.DataType] = {}
     for f in schema:
-        if f.name in taken:
+        if f.name in (spec.text_column, spec.id_column):
             continue
         if f.name in RESERVED_COLUMNS or f.name in (UNIT, POS):
             issues.append(
                 pipeline.positions.issue(
                     ("sources", name),
-                    f"{shards[0].uri} has a column {f.name!r}, a name curate reserves; "
+                    f"its Parquet shards (first: {first}) have a column {f.name!r}, a name curate reserves; "
                     "list the columns to keep under 'columns:'",
                 )
             )
             continue
-        columns[f.name] = f.type
-    return columns
+        extras[f.name] = f.type
+    return extras
 
 
 def _check_inputs(

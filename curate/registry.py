@@ -90,7 +90,13 @@ def get_stage_class(name: str) -> type[Stage]:
     return cls
 
 
-def import_plugins(modules: list[str]) -> None:
-    """Import the plugin modules a pipeline names; their decorators register stages."""
+def import_plugins(modules: list[str]) -> list[tuple[str, BaseException]]:
+    """Import the plugin modules a pipeline names (their decorators register stages);
+    return the failures, one per module, so one broken plugin hides no other."""
+    failures: list[tuple[str, BaseException]] = []
     for module in modules:
-        importlib.import_module(module)
+        try:
+            importlib.import_module(module)
+        except Exception as exc:  # a plugin is user code: any failure is reported
+            failures.append((module, exc))
+    return failures

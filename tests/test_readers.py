@@ -285,3 +285,25 @@ def test_glob_characters_in_folders_and_file_names(tmp_path: Path) -> None:
         "data/b.jsonl",
         "data/part[1].jsonl",
     ]
+
+
+def test_braces_in_file_names_are_just_characters(tmp_path: Path) -> None:
+    p = tmp_path / "null{date}{0}.parquet"
+    pq.write_table(pa.table({"text": ["a", None]}), p)
+    _, rejects = read(p, SourceSpec(uri="*"))
+    assert one_reject(rejects)["reason"] == "missing_text:null{date}{0}.parquet row 1: null text"
+
+
+@pytest.mark.parametrize(
+    "line",
+    ['{"text": "a", "meta": "\xff\xfe"}', '{"text": "a", "m": 1, "m": 2}'],
+    ids=["bad_utf8_in_an_unread_field", "duplicate_unread_field"],
+)
+def test_a_lines_verdict_does_not_depend_on_its_neighbours(tmp_path: Path, line: str) -> None:
+    raw = line.encode("latin-1")
+    alone, beside_a_bad_line = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    alone.write_bytes(raw + b"\n")
+    beside_a_bad_line.write_bytes(raw + b"\n{broken\n")
+    kept_alone = read(alone, SourceSpec(uri="*"))[0].num_rows
+    kept_beside = read(beside_a_bad_line, SourceSpec(uri="*"))[0].num_rows
+    assert kept_alone == kept_beside

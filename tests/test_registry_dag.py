@@ -70,7 +70,7 @@ def plugin_dir(tmp_path: Path) -> Iterator[Path]:
         yield tmp_path
     finally:
         sys.path.remove(str(tmp_path))
-        for mod in ("my_plugin", "ep_stages", "readme_stage"):
+        for mod in ("my_plugin", "ep_stages", "readme_stage", "broken_one"):
             sys.modules.pop(mod, None)
         registry._refs.clear()
         registry._refs.update(saved[0])
@@ -263,4 +263,76 @@ sinks: {a: {input: bad}, b: {input: clash}}
         check(str(path))
     text = str(info.value)
     assert "sources.bad.uri: bad.parquet: not a readable Parquet file" in text
-    assert "sources.clash: clash.parquet has a column 'source', a name curate reserves" in text
+    assert "sources.clash: its Parquet shards (first: clash.parquet) have a column 'source'" in text
+
+
+def test_parquet_schema_is_unified_over_all_shards(
+    tmp_path: Path, pipeline_file: Callable[[str], Path]
+) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "p").mkdir()
+    pq.write_table(
+        pa.table({"text": ["a"], "url": pa.nulls(1), "n": pa.array([1], pa.int32())}),
+        tmp_path / "p" / "a.parquet",
+    )
+    pq.write_table(
+        pa.table({"text": ["b"], "url": ["u"], "n": pa.array([2**40], pa.int64())}),
+        tmp_path / "p" / "b.parquet",
+    )
+    plan = check(str(pipeline_file("name: s\nsources: {d: {uri: p}}\nsinks: {o: {input: d}}\n")))
+    assert plan.columns["d"]["url"] == pa.string() and plan.columns["d"]["n"] == pa.int64()
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "message"),
+    [
+        (
+            "sources: {d: {uri: mixed}}\nsinks: {o: {input: d}}",
+            "sources.d.uri: one source, one format: found jsonl, parquet",
+        ),
+        (
+            "sources: {d: {uri: mixed/a.parquet, columns: {m: json}}}\nsinks: {o: {input: d}}",
+            "sources.d.columns: type 'json' is for JSONL sources",
+        ),
+        (
+            "sources: {d: {uri: mixed/b.jsonl}}\nstages: {s: {type: text_stats, input: [d, d]}}\n"
+            "sinks: {o: {input: s}}",
+            "stages.s.input: an input is listed twice",
+        ),
+        (
+            "sources: {d: {uri: mixed/b.jsonl}}\nsinks: {rejects: {input: d}}",
+            "sinks.rejects: sink name 'rejects' is reserved",
+        ),
+    ],
+    ids=["mixed_formats", "json_for_parquet", "input_twice", "sink_named_rejects"],
+)
+def test_shapes_that_would_lose_or_mix_rows_are_refused(
+    tmp_path: Path, pipeline_file: Callable[[str], Path], yaml_text: str, message: str
+) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "mixed").mkdir()
+    pq.write_table(pa.table({"text": ["a"], "m": ["x"]}), tmp_path / "mixed" / "a.parquet")
+    (tmp_path / "mixed" / "b.jsonl").write_text('{"text": "b"}\n')
+    with pytest.raises(ConfigError, match=message):
+        check(str(pipeline_file("name: x\n" + yaml_text + "\n")))
+
+
+def test_one_broken_plugin_hides_no_other(
+    plugin_dir: Path, pipeline_file: Callable[[str], Path]
+) -> None:
+    (plugin_dir / "broken_one.py").write_text("raise RuntimeError('boom')\n")
+    (plugin_dir / "d.jsonl").write_text('{"text": "a"}\n')
+    path = pipeline_file(
+        "name: p\nplugins: [broken_one, my_plugin]\nsources: {d: {uri: d.jsonl}}\n"
+        "stages: {u: {type: upper_case}}\nsinks: {o: {input: u}}\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        check(str(path))
+    assert len(info.value.issues) == 1
+    assert "plugins.0: cannot import plugin module 'broken_one': RuntimeError: boom" in str(
+        info.value
+    )

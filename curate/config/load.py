@@ -152,6 +152,9 @@ def _bind_stages(spec: PipelineSpec, pos: Positions, issues: list[Issue]) -> dic
         if not inputs[name]:
             issues.append(pos.issue(loc, "expected an 'input:' naming a source or stage"))
             continue
+        if len(set(inputs[name])) != len(inputs[name]):
+            issues.append(pos.issue((*loc, "input"), "an input is listed twice"))
+            continue
         resources = stage.resources or cls.default_resources
         bound[name] = BoundStage(
             name=name, type=stage.type, inputs=inputs[name], config=config, resources=resources
@@ -159,7 +162,16 @@ def _bind_stages(spec: PipelineSpec, pos: Positions, issues: list[Issue]) -> dic
     return bound
 
 
+#: Folders of the output root that a sink may not take.
+RESERVED_SINK_NAMES = {"rejects", "_work"}
+
+
 def _check_names(spec: PipelineSpec, pos: Positions, issues: list[Issue]) -> None:
+    for name in spec.sinks:
+        if name in RESERVED_SINK_NAMES or name.startswith("."):
+            issues.append(
+                pos.issue(("sinks", name), f"sink name {name!r} is reserved for run files")
+            )
     seen: dict[str, str] = {}
     for section in ("sources", "stages", "sinks"):
         for name in getattr(spec, section):
@@ -176,12 +188,10 @@ def validate_data(data: Any, pos: Positions, base_dir: Path) -> Pipeline:
         raise ConfigError([pos.issue((), f"expected a mapping, got {_describe(data)}")])
     issues: list[Issue] = list(pos.issues)
     plugins = data.get("plugins") or []
-    try:
-        import_plugins([str(p) for p in plugins] if isinstance(plugins, list) else [])
-    except Exception as exc:  # a plugin is user code: any failure is a config problem
-        issues.append(
-            pos.issue(("plugins",), f"cannot import plugin module: {type(exc).__name__}: {exc}")
-        )
+    modules = [str(p) for p in plugins] if isinstance(plugins, list) else []
+    for module, exc in import_plugins(modules):
+        message = f"cannot import plugin module {module!r}: {type(exc).__name__}: {exc}"
+        issues.append(pos.issue(("plugins", modules.index(module)), message))
     try:
         spec = PipelineSpec.model_validate(data)
     except RecursionError:

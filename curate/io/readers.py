@@ -134,10 +134,11 @@ def _cast(value: Any, kind: ColumnType) -> Any:
     raise TypeError(f"expected a number, got {value!r}")
 
 
-def _first_duplicate(pairs: list[tuple[str, Any]]) -> str | None:
+def _first_duplicate(pairs: list[tuple[str, Any]], keys: set[str]) -> str | None:
+    """The first key of ``keys`` that ``pairs`` gives twice (other fields are not read)."""
     seen: set[str] = set()
     for key, _ in pairs:
-        if key in seen:
+        if key in seen and key in keys:
             return key
         seen.add(key)
     return None
@@ -159,12 +160,18 @@ class JsonlParser:
         self.spec = spec
         self.columns = spec.columns or {}
         self._duplicate: str | None = None
+        self._read_keys = {
+            spec.text_column,
+            *([spec.id_column] if spec.id_column else []),
+            *self.columns,
+        }
 
     def _pairs(self, pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         """``object_pairs_hook``: the last call builds the top-level object, so
-        ``_duplicate`` ends up naming a duplicated top-level key, if any."""
+        ``_duplicate`` ends up naming a duplicated top-level key that we read, if any."""
         obj = dict(pairs)
-        self._duplicate = _first_duplicate(pairs) if len(obj) != len(pairs) else None
+        dup = len(obj) != len(pairs)
+        self._duplicate = _first_duplicate(pairs, self._read_keys) if dup else None
         return obj
 
     def parse(self, shard: Shard, data: bytes) -> ShardResult:
@@ -257,7 +264,7 @@ def cast_or_flag(
     value by value to find the rows at fault.
     """
     try:
-        return pc.cast(array, kind).combine_chunks(), np.zeros(len(array), dtype=bool)
+        return pc.cast(array, kind), np.zeros(len(array), dtype=bool)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
         pass
     values, bad = [], np.zeros(len(array), dtype=bool)
@@ -314,7 +321,7 @@ class ParquetParser:
     def _flag(self, reason: Any, mask: Any, text: str) -> None:
         """Give rows in ``mask`` that have no reason yet the reason ``text`` (row appended)."""
         for i in np.flatnonzero(mask & (reason == None)):  # noqa: E711 - elementwise
-            reason[i] = text.format(row=i)
+            reason[i] = text.replace("{row}", str(i))
 
     def _columns(self, table: pa.Table, uri: str, reason: Any) -> dict[str, pa.Array]:
         n = table.num_rows
@@ -336,20 +343,20 @@ class ParquetParser:
         self._flag(
             reason,
             pc.is_null(text).to_numpy(zero_copy_only=False),
-            f"missing_text:{uri} row {{row}}: null text",
+            f"missing_text:{uri} row " + "{row}: null text",
         )
-        out: dict[str, pa.Array] = {"text": text.combine_chunks()}
+        out: dict[str, pa.Array | pa.ChunkedArray] = {"text": text}
         if spec.id_column:
             ids, bad_ids = cast_or_flag(table.column(spec.id_column), pa.string())
             nulls = pc.is_null(ids).to_numpy(zero_copy_only=False)
-            self._flag(reason, nulls | bad_ids, f"missing_id:{uri} row {{row}}: no usable id")
+            self._flag(reason, nulls | bad_ids, f"missing_id:{uri} row " + "{row}: no usable id")
             out["id"] = ids
         for column, kind in self.expected.items():
             if column not in table.column_names:
                 out[column] = pa.nulls(n, kind)
                 continue
             values, bad = cast_or_flag(table.column(column), kind)
-            self._flag(reason, bad, f"bad_column:{uri} row {{row}}: {column!r} is not {kind}")
+            self._flag(reason, bad, f"bad_column:{uri} row " + f"{{row}}: {column!r} is not {kind}")
             out[column] = values
         return out
 
@@ -449,6 +456,10 @@ def _fast_jsonl(name: str, spec: SourceSpec, shard: Shard, data: bytes) -> pa.Ta
         or BOM in data
         or BLANK_LINE.search(data.removesuffix(b"\n"))
     ):
+        return None
+    try:  # whole lines must be UTF-8, read fields or not: the strict parser decodes lines
+        data.decode("utf-8")
+    except UnicodeDecodeError:
         return None
     fields = [(spec.text_column, pa.string())]
     if spec.id_column:
