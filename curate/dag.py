@@ -176,8 +176,8 @@ def _extra_columns(
             issues.append(
                 pipeline.positions.issue(
                     ("sources", name),
-                    f"its Parquet shards (first: {first}) have a column {f.name!r}, a name curate reserves; "
-                    "list the columns to keep under 'columns:'",
+                    f"its Parquet shards (first: {first}) have a column {f.name!r}, "
+                    "a name curate reserves; list the columns to keep under 'columns:'",
                 )
             )
             continue

@@ -175,7 +175,9 @@ def test_a_broken_plugin_is_a_config_error(
 ) -> None:
     (tmp_path / "broken_plugin.py").write_text("def oops(:\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    with pytest.raises(ConfigError, match=r"plugins.0: cannot import plugin module 'broken_plugin': SyntaxError"):
+    with pytest.raises(
+        ConfigError, match=r"plugins.0: cannot import plugin module 'broken_plugin': SyntaxError"
+    ):
         load_pipeline(pipeline_file(GOOD + "plugins: [broken_plugin]\n"))
 
 

@@ -307,3 +307,23 @@ def test_a_lines_verdict_does_not_depend_on_its_neighbours(tmp_path: Path, line:
     kept_alone = read(alone, SourceSpec(uri="*"))[0].num_rows
     kept_beside = read(beside_a_bad_line, SourceSpec(uri="*"))[0].num_rows
     assert kept_alone == kept_beside
+
+
+@pytest.mark.parametrize(
+    ("data", "blank"),
+    [
+        (b'{"a": 1}\n', False),
+        (b'{"a": 1}', False),
+        (b'{"a": 1}\r\n{"b": 2}\r\n', False),
+        (b'\n{"a": 1}\n', True),
+        (b'  \n{"a": 1}\n', True),
+        (b'{"a": 1}\n\n', True),
+        (b'{"a": 1}\n \t\r\n{"b": 2}', True),
+        (b'{"a": 1}\n   ', True),
+        (b"   ", True),
+    ],
+)
+def test_blank_line_detection(data: bytes, blank: bool) -> None:
+    from curate.io.readers import has_blank_line
+
+    assert has_blank_line(data) is blank

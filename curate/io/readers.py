@@ -437,8 +437,19 @@ def _jsonl_tables(
 
 
 BOM = b"\xef\xbb\xbf"
-#: A blank or whitespace-only line (Arrow skips them; the strict parser reports them).
-BLANK_LINE = re.compile(rb"(?:^|\n)[ \t\r]*(?:\n|$)")
+#: A blank or whitespace-only line between two newlines.  The literal first byte
+#: lets ``re`` scan with a fast literal search (30x faster than ``(?:^|\n)...``).
+_INNER_BLANK = re.compile(rb"\n[ \t\r]*\n")
+_FIRST_BLANK = re.compile(rb"[ \t\r]*(?:\n|$)")
+
+
+def has_blank_line(data: bytes) -> bool:
+    """Whether any line of ``data`` is empty or whitespace-only (Arrow skips such
+    lines; the strict parser reports them)."""
+    last = data[data.rfind(b"\n") + 1 :]
+    return bool(
+        _FIRST_BLANK.match(data) or _INNER_BLANK.search(data) or (last and not last.strip(b" \t\r"))
+    )
 
 
 def _fast_jsonl(name: str, spec: SourceSpec, shard: Shard, data: bytes) -> pa.Table | None:
@@ -450,15 +461,10 @@ def _fast_jsonl(name: str, spec: SourceSpec, shard: Shard, data: bytes) -> pa.Ta
     given as JSON numbers also take the strict path (they are str()-ed there).
     """
     columns = spec.columns or {}
-    if (
-        not data
-        or "json" in columns.values()
-        or BOM in data
-        or BLANK_LINE.search(data.removesuffix(b"\n"))
-    ):
+    if not data or "json" in columns.values() or BOM in data or has_blank_line(data):
         return None
     try:  # whole lines must be UTF-8, read fields or not: the strict parser decodes lines
-        data.decode("utf-8")
+        data.isascii() or data.decode("utf-8")
     except UnicodeDecodeError:
         return None
     fields = [(spec.text_column, pa.string())]
