@@ -14,7 +14,7 @@ from typing import Any
 from curate.config.load import Pipeline, load_pipeline
 from curate.dag import Plan, build_plan
 from curate.lineage.manifest import build_manifest, stage_seconds, write_manifest
-from curate.runner import Runner, cluster_nodes, cluster_resources, ray_version
+from curate.runner import Runner, cluster_resources, node_resources, ray_version
 
 
 @dataclass(frozen=True)
@@ -125,7 +125,7 @@ def run_plan(
         "output": out,
         "host": platform.node(),
         "cluster": {
-            "nodes": cluster_nodes(),
+            "nodes": len(node_resources()),
             "cpus": resources.get("CPU", 0),
             "gpus": resources.get("GPU", 0),
             "ray": ray_version(),

@@ -71,8 +71,10 @@ def ray_version() -> str:
     return str(ray.__version__)
 
 
-def cluster_nodes() -> int:
-    return len(ray.nodes())  # type: ignore[no-untyped-call]
+def node_resources() -> list[dict[str, float]]:
+    """Resources of every live node of the connected Ray cluster."""
+    nodes = ray.nodes()  # type: ignore[no-untyped-call]
+    return [dict(n.get("Resources", {})) for n in nodes if n.get("Alive")]
 
 
 @dataclass(frozen=True)
@@ -393,7 +395,7 @@ class Runner:
 
     def check_resources(self) -> None:
         """Fail now, not hang later, when no node can hold one actor of a stage."""
-        nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]  # type: ignore[no-untyped-call]
+        nodes = node_resources()
         problems = []
         for name, bound in self.plan.pipeline.stages.items():
             need = {"CPU": bound.resources.num_cpus, "GPU": bound.resources.num_gpus}
