@@ -23,7 +23,7 @@ from curate.config.load import Pipeline, unknown_input
 from curate.config.model import BoundStage
 from curate.config.yamlpos import ConfigError, Issue, Loc
 from curate.io.files import InputError, Shard, infer_format, list_shards
-from curate.io.readers import ARROW_TYPES
+from curate.io.readers import declared_columns
 from curate.registry import get_stage_class
 from curate.stage import POS, RESERVED_COLUMNS, UNIT, Stage, StageContext
 
@@ -131,7 +131,7 @@ def _source_columns(
                     "type 'json' is for JSONL sources; Parquet columns keep their type",
                 )
             )
-        return {**RESERVED_COLUMNS, **{c: ARROW_TYPES[k] for c, k in spec.columns.items()}}
+        return {**RESERVED_COLUMNS, **declared_columns(spec)}
     if fmt != "parquet":
         return dict(RESERVED_COLUMNS)
     schema = _unified_parquet_schema(pipeline, name, shards, issues)

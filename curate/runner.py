@@ -35,7 +35,7 @@ from curate.config.model import BoundStage, ExecutionSpec, SinkSpec, SourceSpec
 from curate.dag import Plan, Segment, instantiate
 from curate.io.files import Unit, plan_units, write_parquet_atomic
 from curate.io.layout import Layout
-from curate.io.readers import read_unit
+from curate.io.readers import REJECT_SCHEMA, read_unit
 from curate.io.sink import write_sink
 from curate.lineage.accounting import (
     AccountingError,
@@ -249,7 +249,7 @@ def run_stage(
         kept, rejects = _run_one(name, stage, part)
         kept_parts.append(kept)
         reject_parts.append(rejects)
-    kept = pa.concat_tables(kept_parts) if kept_parts else block
+    kept = pa.concat_tables(kept_parts)
     rejects = pa.concat_tables(reject_parts)
     written = write_rejects(layout.rejects(name, unit), rejects)
     return kept, stage_report(name, unit, rows_in, rejects, time.perf_counter() - start, written)
@@ -262,7 +262,7 @@ def _run_one(name: str, stage: Stage, part: pa.Table) -> tuple[pa.Table, pa.Tabl
             raise AccountingError(
                 f"annotator {name!r} changed the row count {part.num_rows} -> {out.num_rows}"
             )
-        return out, build_rejects(name, part.slice(0, 0), pa.array([], pa.string()), None)
+        return out, REJECT_SCHEMA.empty_table()
     if isinstance(stage, Filter):
         verdict = stage.decide(part)
         if len(verdict.keep) != part.num_rows:
@@ -299,7 +299,8 @@ def write_targets(
     block = block.replace_schema_metadata(None)
     for target in targets:
         if target.kind == "materialize":
-            table = block if block.num_rows else planned_empty(block.schema, target.columns or {})
+            # An emptied unit skipped its later stages: give its file the node's full schema.
+            table = block if block.num_rows else conform(block, target.columns or {})
             write_parquet_atomic(table, layout.work(target.name, unit), "zstd")
             continue
         assert target.sink is not None
@@ -324,13 +325,6 @@ def write_targets(
                 }
             )
     return pa.table({"unit": [unit], "reports": [json.dumps(reports)]})
-
-
-def planned_empty(have: pa.Schema, planned: dict[str, pa.DataType]) -> pa.Table:
-    """An empty table with every planned column (stages skipped on an emptied unit add none)."""
-    fields = [have.field(n) for n in have.names if n not in (UNIT, POS)]
-    fields += [pa.field(c, t) for c, t in planned.items() if c not in have.names]
-    return pa.schema([*fields, pa.field(UNIT, pa.int64()), pa.field(POS, pa.int64())]).empty_table()
 
 
 class StageGroup:

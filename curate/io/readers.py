@@ -72,7 +72,6 @@ class ShardResult:
     rows: list[dict[str, Any]] = field(default_factory=list)
     rows_pos: list[int] = field(default_factory=list)
     rejects: list[dict[str, Any]] = field(default_factory=list)
-    lines: int = 0
 
 
 @dataclass(frozen=True)
@@ -179,7 +178,6 @@ class JsonlParser:
         lines = data.split(b"\n")
         if lines and lines[-1] == b"":
             lines.pop()
-        out.lines = len(lines)
         for row, raw in enumerate(lines):
             record, error = self._record(raw.rstrip(b"\r"), shard.uri, row)
             if error is not None:
@@ -282,8 +280,8 @@ class ParquetParser:
 
     A null text or id, or a value that does not cast to its column's type, is a
     quarantined row; a missing column quarantines every row of the shard.
-    ``expected`` gives the extra columns and their types (declared, or the first
-    shard's schema when the source keeps every column).
+    ``expected`` gives the extra columns and their types (declared, or the schema
+    unified over all the source's shards when it keeps every column).
     """
 
     def __init__(self, name: str, spec: SourceSpec, expected: dict[str, pa.DataType]) -> None:
@@ -429,7 +427,7 @@ def _jsonl_tables(
     if fast is not None:
         return fast, REJECT_SCHEMA.empty_table()
     parsed = JsonlParser(name, spec).parse(shard, data)
-    extras = {c: ARROW_TYPES[k] for c, k in (spec.columns or {}).items()}
+    extras = declared_columns(spec)
     schema = pa.schema([("id", pa.string()), ("text", pa.string()), *extras.items()])
     table = pa.Table.from_pylist(parsed.rows, schema=schema)
     table = table.append_column("provenance", _provenance(shard.uri, parsed.rows_pos))
@@ -478,8 +476,7 @@ def _fast_jsonl(name: str, spec: SourceSpec, shard: Shard, data: bytes) -> pa.Ta
             parse_options=pa_json.ParseOptions(
                 explicit_schema=pa.schema(fields), unexpected_field_behavior="ignore"
             ),
-        )
-        table.validate(full=True)  # Arrow's JSON reader does not check UTF-8
+        )  # Arrow's JSON reader does not check UTF-8: the decode above did
     except (pa.ArrowException, ValueError):
         return None
     lines = data.count(b"\n") + (not data.endswith(b"\n"))
