@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import os
 import platform
-import shutil
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 from curate.config.load import Pipeline, load_pipeline
 from curate.dag import Plan, build_plan
+from curate.io import storage
+from curate.io.storage import LOCAL, StorageOptions
+from curate.lineage import commits
 from curate.lineage.manifest import build_manifest, stage_seconds, write_manifest
 from curate.runner import Runner, cluster_resources, node_resources, ray_version
 
@@ -32,42 +33,70 @@ def check(path: str, overrides: list[str] | None = None) -> Plan:
 
 def output_dir(pipeline: Pipeline, output: str | None) -> str:
     if output is not None:
-        return os.path.abspath(output)
+        return output if storage.is_s3(output) else os.path.abspath(output)
     if pipeline.spec.output is not None:
+        if storage.is_s3(pipeline.spec.output):
+            return pipeline.spec.output
         return os.path.abspath(pipeline.base_dir / pipeline.spec.output)
     return os.path.abspath(os.path.join("out", pipeline.spec.name))
 
 
+def cache_dir(pipeline: Pipeline, out: str) -> str:
+    """``execution.cache_dir`` (relative to the pipeline file), else ``<output>/_cache``."""
+    given = pipeline.spec.execution.cache_dir
+    if given is None:
+        return storage.join(out, "_cache")
+    return given if storage.is_s3(given) else os.path.abspath(pipeline.base_dir / given)
+
+
 RUN_MARKER = ".curate-run"
+#: What ``--overwrite`` keeps: the stage cache outlives the runs that filled it.
+KEPT_ON_OVERWRITE = ("_cache",)
 
 
 class OutputExistsError(FileExistsError):
     """The output folder holds files; a run never mixes its shards with older ones."""
 
 
-def prepare_output(out: str, overwrite: bool) -> None:
-    """Refuse a non-empty output folder, or with ``overwrite`` empty one that holds a run."""
-    root = Path(out)
-    if not root.exists() or not any(root.iterdir()):
+def prepare_output(
+    out: str, overwrite: bool, resume: bool = False, opts: StorageOptions = LOCAL
+) -> None:
+    """Refuse a non-empty output folder, or with ``overwrite`` empty one that holds a run
+    (keeping its stage cache); with ``resume`` keep it and clear what killed writers left."""
+    entries = {
+        storage.relative(f.uri, out).split("/", 1)[0] for f in storage.list_prefix(out, opts)
+    }
+    if not entries or entries <= set(KEPT_ON_OVERWRITE):
         return
-    is_run = (root / RUN_MARKER).exists() or (root / "manifest.json").exists()
-    if not overwrite and is_run:
-        raise OutputExistsError(
-            f"output folder {out} holds a previous run; pass --overwrite to replace it, "
-            "or choose another --output"
-        )
+    is_run = RUN_MARKER in entries or "manifest.json" in entries
     if not is_run:
         raise OutputExistsError(
             f"output folder {out} holds files that are not a curate run "
             f"(no {RUN_MARKER} or manifest.json); choose another --output"
         )
-    shutil.rmtree(root)
+    if resume:
+        storage.abort_stale(out, opts)
+        return
+    if not overwrite:
+        raise OutputExistsError(
+            f"output folder {out} holds a previous run; pass --resume to finish it, "
+            "--overwrite to replace it, or choose another --output"
+        )
+    storage.remove_tree(out, opts, keep=KEPT_ON_OVERWRITE)
+    storage.abort_stale(out, opts)
 
 
-def mark_output(out: str) -> None:
+def mark_output(out: str, opts: StorageOptions = LOCAL) -> None:
     """First act of a run: mark the folder, so that a failed run can be replaced."""
-    Path(out).mkdir(parents=True, exist_ok=True)
-    (Path(out) / RUN_MARKER).write_text("written by curate; --overwrite may replace this folder\n")
+    text = b"written by curate; --overwrite may replace this folder\n"
+    storage.write_bytes(storage.join(out, RUN_MARKER), text, opts)
+
+
+def run_identity(plan: Plan) -> dict[str, Any]:
+    inputs = [
+        [name, s.uri, s.size, s.version] for name, shards in plan.shards.items() for s in shards
+    ]
+    return commits.run_identity(plan.pipeline.spec_hash(), inputs)
 
 
 def init_ray(address: str | None, num_cpus: int | None) -> None:
@@ -94,10 +123,11 @@ def run(
     address: str | None = None,
     num_cpus: int | None = None,
     overwrite: bool = False,
+    resume: bool = False,
 ) -> RunResult:
     """Check, then run a pipeline file end to end; write shards, rejects and the manifest."""
     plan = check(path, overrides)
-    return run_plan(plan, output, address, num_cpus, overwrite)
+    return run_plan(plan, output, address, num_cpus, overwrite, resume)
 
 
 def run_plan(
@@ -106,15 +136,26 @@ def run_plan(
     address: str | None = None,
     num_cpus: int | None = None,
     overwrite: bool = False,
+    resume: bool = False,
 ) -> RunResult:
-    """Run a checked plan into ``output`` (see :func:`output_dir`)."""
+    """Run a checked plan into ``output`` (see :func:`output_dir`).
+
+    ``resume`` finishes an interrupted run: committed units are skipped, and the
+    outputs are byte-identical to those of an uninterrupted run.
+    """
     out = output_dir(plan.pipeline, output)
-    prepare_output(out, overwrite)
+    opts = plan.pipeline.spec.storage.options()
+    prepare_output(out, overwrite, resume, opts)
+    identity = run_identity(plan)
+    runner = Runner(plan, out, resume, cache_dir(plan.pipeline, out))
+    if resume:
+        commits.check_resumable(runner.layout, identity)
     init_ray(address, num_cpus)
-    mark_output(out)
+    mark_output(out, opts)
+    if not resume:
+        commits.write_identity(runner.layout, identity)
     started = datetime.now(UTC)
     t0 = time.perf_counter()
-    runner = Runner(plan, out)
     runner.run()
     resources = cluster_resources()
     run_info = {
@@ -123,6 +164,8 @@ def run_plan(
         "stage_seconds": stage_seconds(runner.reports),
         "global_stage_seconds": {k: round(v, 4) for k, v in runner.global_seconds.items()},
         "output": out,
+        "resumed": resume,
+        "cache": runner.cache_info(),
         "host": platform.node(),
         "cluster": {
             "nodes": len(node_resources()),

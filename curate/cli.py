@@ -62,32 +62,49 @@ def run(
     ] = None,
     num_cpus: Annotated[int | None, typer.Option(help="CPUs of the embedded local Ray")] = None,
     overwrite: Annotated[
-        bool, typer.Option(help="Replace the previous run in the output folder")
+        bool,
+        typer.Option(help="Replace the previous run in the output folder (keeps its _cache)"),
+    ] = False,
+    resume: Annotated[
+        bool,
+        typer.Option(help="Finish an interrupted run: skip the units it committed"),
     ] = False,
 ) -> None:
     """Run a pipeline end to end and print what every stage did."""
     from curate.api import OutputExistsError
     from curate.api import run as run_pipeline
     from curate.io.files import InputError
+    from curate.io.sink import SinkError
+    from curate.io.storage import StorageError
     from curate.lineage.accounting import AccountingError
+    from curate.lineage.commits import ResumeError
     from curate.runner import ResourceError
 
+    if resume and overwrite:
+        err.print("[bold red]error:[/] --resume and --overwrite contradict each other")
+        raise typer.Exit(2)
     try:
-        result = run_pipeline(pipeline, output, set_, address, num_cpus, overwrite)
+        result = run_pipeline(pipeline, output, set_, address, num_cpus, overwrite, resume)
     except ConfigError as exc:
         _report(exc)
         raise typer.Exit(1) from None
-    except (OutputExistsError, ResourceError) as exc:
+    except (OutputExistsError, ResourceError, ResumeError) as exc:
         err.print(f"[bold red]error:[/] {exc}", highlight=False)
         raise typer.Exit(1) from None
-    except (InputError, AccountingError) as exc:
+    except (InputError, AccountingError, SinkError, StorageError) as exc:
         # Ray re-raises worker errors as RayTaskError(<our class>): show the original.
         cause = getattr(exc, "cause", None) or exc
         err.print("[bold red]error:[/]", end=" ")
         err.print(str(cause), highlight=False, markup=False)
-        err.print("the output folder holds a partial run; fix the cause and rerun with --overwrite")
+        err.print(
+            "the output folder holds a partial run; fix the cause and rerun with --resume "
+            "(or --overwrite to start again)"
+        )
         raise typer.Exit(1) from None
     print_summary(result.manifest)
+    reused = [n for n, c in result.manifest["run"]["cache"]["stages"].items() if c["reused"]]
+    if reused:
+        out.print(f"stage cache: reused {', '.join(reused)} (unchanged spec, code and inputs)")
     out.print(
         f"output: {result.output}  (manifest.json, rejects/, "
         f"{', '.join(result.manifest['outputs'])}/)"

@@ -8,8 +8,9 @@ A *segment* is what one Ray Data pass runs: read units (from a source, or
 from a materialized node, applying a global stage's decisions on the way),
 run a chain of map stages, write.  Consecutive map stages with the same
 resources are fused into one actor.  A node's output is materialized to the
-work folder when a global stage consumes it, when two consumers share it, or
-when it feeds a multi-input stage.
+work folder when a global stage consumes it, when two consumers share it,
+when it feeds a multi-input stage, or into the stage cache when the stage is
+cached (``cache: true``).
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ import pyarrow as pa
 from curate.config.load import Pipeline, unknown_input
 from curate.config.model import BoundStage
 from curate.config.yamlpos import ConfigError, Issue, Loc
+from curate.io import storage
 from curate.io.files import InputError, Shard, infer_format, list_shards
 from curate.io.readers import declared_columns
+from curate.io.webdataset import WEBDATASET_COLUMNS
 from curate.registry import get_stage_class
 from curate.stage import POS, RESERVED_COLUMNS, UNIT, Stage, StageContext
 
@@ -123,6 +126,8 @@ def _source_columns(
         )
         return dict(RESERVED_COLUMNS)
     fmt = formats.pop() if formats else None
+    if fmt == "webdataset":
+        return {**RESERVED_COLUMNS, **WEBDATASET_COLUMNS, **declared_columns(spec)}
     if spec.columns is not None:
         if fmt == "parquet" and "json" in spec.columns.values():
             issues.append(
@@ -143,10 +148,12 @@ def _unified_parquet_schema(
 ) -> pa.Schema:
     import pyarrow.parquet as pq
 
+    opts = pipeline.spec.storage.options()
     schemas = []
     for shard in shards:
         try:
-            schemas.append(pq.read_schema(shard.path))
+            with storage.open_input(shard.path, opts) as handle:
+                schemas.append(pq.read_schema(handle))
         except (pa.ArrowException, OSError) as exc:
             issues.append(
                 pipeline.positions.issue(
@@ -309,7 +316,9 @@ def build_plan(pipeline: Pipeline) -> Plan:
     shards: dict[str, list[Shard]] = {}
     for name, source in pipeline.spec.sources.items():
         try:
-            shards[name] = list_shards(source.uri, pipeline.base_dir)
+            shards[name] = list_shards(
+                source.uri, pipeline.base_dir, pipeline.spec.storage.options()
+            )
         except InputError as exc:
             issues.append(line(("sources", name, "uri"), str(exc)))
     stages = {n: instantiate(b, pipeline.spec.seed) for n, b in pipeline.stages.items()}
@@ -334,9 +343,14 @@ def _cut_segments(plan: Plan, order: list[str]) -> None:
 
     def must_materialize(node: str) -> bool:
         stage_users = [u for u in users[node] if not u.startswith("sink:")]
-        return len(users[node]) > 1 or any(
-            plan.stages[u].kind == "global" or len(pipeline.stages[u].inputs) > 1
-            for u in stage_users
+        cached = node in pipeline.stages and pipeline.stages[node].cache
+        return (
+            cached
+            or len(users[node]) > 1
+            or any(
+                plan.stages[u].kind == "global" or len(pipeline.stages[u].inputs) > 1
+                for u in stage_users
+            )
         )
 
     plan.materialized = {n for n in users if users[n] and must_materialize(n)}

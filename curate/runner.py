@@ -33,10 +33,11 @@ from ray.data.datasource import Datasource, ReadTask
 
 from curate.config.model import BoundStage, ExecutionSpec, SinkSpec, SourceSpec
 from curate.dag import Plan, Segment, instantiate
-from curate.io.files import Unit, plan_units, write_parquet_atomic
+from curate.io import storage
+from curate.io.files import Unit, WrittenFile, plan_units, write_parquet_atomic
 from curate.io.layout import Layout
 from curate.io.readers import REJECT_SCHEMA, read_unit
-from curate.io.sink import write_sink
+from curate.io.sink import write_sink, write_webdataset_sink
 from curate.lineage.accounting import (
     AccountingError,
     build_rejects,
@@ -46,6 +47,16 @@ from curate.lineage.accounting import (
     with_reports,
     write_rejects,
 )
+from curate.lineage.cache import (
+    ancestors,
+    chain_key,
+    entry_root,
+    import_entry,
+    load_entry,
+    report_key,
+    save_entry,
+)
+from curate.lineage.commits import commit_global, committed_units, global_done, write_commit
 from curate.stage import (
     DECISION_SCHEMA,
     POS,
@@ -104,8 +115,10 @@ def load_unit(task: UnitRead, layout: Layout) -> pa.Table:
 
 def _load_rows(task: UnitRead, layout: Layout, start: float) -> pa.Table:
     if task.source_spec is not None:
-        table, rejects, inputs = read_unit(task.unit, task.source_spec, task.expected)
-        written = write_rejects(layout.rejects(task.unit.source, task.unit.index), rejects)
+        table, rejects, inputs = read_unit(task.unit, task.source_spec, task.expected, layout.opts)
+        written = write_rejects(
+            layout.rejects(task.unit.source, task.unit.index), rejects, layout.opts
+        )
         reports = [{"kind": "input", **vars(i)} for i in inputs]
         rows_in = table.num_rows + rejects.num_rows
         reports.append(
@@ -124,8 +137,7 @@ def _load_rows(task: UnitRead, layout: Layout, start: float) -> pa.Table:
         return with_reports(table, reports)
     assert task.node is not None
     columns = list(task.columns) if task.columns else None
-    table = pq.read_table(layout.work(task.node, task.unit.index), columns=columns)
-    table = table.replace_schema_metadata(None)
+    table = layout.read_table(layout.work(task.node, task.unit.index), columns)
     if task.conform is not None and columns is None:
         table = conform(table, task.conform)
     if task.apply is None:
@@ -150,7 +162,7 @@ def _apply_decisions(
     table: pa.Table, stage: str, unit: int, layout: Layout, start: float
 ) -> pa.Table:
     path = layout.decisions(stage, unit)
-    decisions = pq.read_table(path) if os.path.exists(path) else DECISION_SCHEMA.empty_table()
+    decisions = layout.read_table(path) if layout.exists(path) else DECISION_SCHEMA.empty_table()
     dropped_pos = decisions.column(POS).to_numpy()
     keep = ~np.isin(table.column(POS).to_numpy(), dropped_pos)
     if int((~keep).sum()) != decisions.num_rows:
@@ -163,7 +175,7 @@ def _apply_decisions(
         pc.take(decisions.column("reason"), order),
         pc.take(decisions.column("value"), order),
     )
-    written = write_rejects(layout.rejects(stage, unit), rejects)
+    written = write_rejects(layout.rejects(stage, unit), rejects, layout.opts)
     report = stage_report(
         stage, unit, table.num_rows, rejects, time.perf_counter() - start, written
     )
@@ -251,7 +263,7 @@ def run_stage(
         reject_parts.append(rejects)
     kept = pa.concat_tables(kept_parts)
     rejects = pa.concat_tables(reject_parts)
-    written = write_rejects(layout.rejects(name, unit), rejects)
+    written = write_rejects(layout.rejects(name, unit), rejects, layout.opts)
     return kept, stage_report(name, unit, rows_in, rejects, time.perf_counter() - start, written)
 
 
@@ -294,50 +306,69 @@ def write_targets(
     targets: Sequence[Target],
     layout: Layout,
     reports: list[dict[str, Any]],
+    segment: int,
 ) -> pa.Table:
-    """Write a unit to every target; return its reports as one row."""
+    """Write a unit to every target, then commit it; return its reports as one row."""
     block = block.replace_schema_metadata(None)
     for target in targets:
         if target.kind == "materialize":
             # An emptied unit skipped its later stages: give its file the node's full schema.
             table = block if block.num_rows else conform(block, target.columns or {})
-            write_parquet_atomic(table, layout.work(target.name, unit), "zstd")
+            f = write_parquet_atomic(table, layout.work(target.name, unit), "zstd", layout.opts)
+            reports.append(_file_report("work", target.name, unit, f))
             continue
         assert target.sink is not None
-        for f in write_sink(
-            block,
-            layout,
-            target.name,
-            unit,
-            target.shard_bytes,
-            target.sink.compression,
-            target.sink.columns,
-        ):
-            reports.append(
-                {
-                    "kind": "output",
-                    "sink": target.name,
-                    "unit": unit,
-                    "path": layout.relative(f.path),
-                    "rows": f.rows,
-                    "bytes": f.bytes,
-                    "sha256": f.sha256,
-                }
+        sink = target.sink
+        if sink.format == "webdataset":
+            files, index = write_webdataset_sink(
+                block,
+                layout,
+                target.name,
+                unit,
+                target.shard_bytes,
+                sink.shard_samples,
+                sink.columns,
             )
+            if index is not None:
+                reports.append(_file_report("index", target.name, unit, index))
+        else:
+            files = write_sink(
+                block, layout, target.name, unit, target.shard_bytes, sink.compression, sink.columns
+            )
+        reports.extend(_file_report("output", target.name, unit, f) for f in files)
+    write_commit(layout, segment, unit, reports)
     return pa.table({"unit": [unit], "reports": [json.dumps(reports)]})
+
+
+def _file_report(kind: str, name: str, unit: int, f: WrittenFile) -> dict[str, Any]:
+    return {
+        "kind": kind,
+        "sink": name,
+        "unit": unit,
+        "path": f.path,
+        "rows": f.rows,
+        "bytes": f.bytes,
+        "sha256": f.sha256,
+    }
 
 
 class StageGroup:
     """A fused chain of map stages in one actor; the last group also writes."""
 
     def __init__(
-        self, stages: list[BoundStage], seed: int, layout: Layout, targets: list[Target]
+        self,
+        stages: list[BoundStage],
+        seed: int,
+        layout: Layout,
+        targets: list[Target],
+        segment: int,
     ) -> None:
         self.stages = [(b.name, instantiate(b, seed), b.resources.batch_size) for b in stages]
         for _, stage, _ in self.stages:
             stage.setup()
         self.layout = layout
         self.targets = targets
+        self.segment = segment
 
     def __call__(self, block: pa.Table) -> pa.Table:
         live, unit, reports = split_trailer(block)
@@ -347,25 +378,41 @@ class StageGroup:
             live, report = run_stage(name, stage, batch_size, unit, self.layout, live)
             reports.append(report)
         if self.targets:
-            return write_targets(live, unit, self.targets, self.layout, reports)
+            return write_targets(live, unit, self.targets, self.layout, reports, self.segment)
         return with_reports(with_trailer(live, unit), reports)
 
 
-def _write_only(block: pa.Table, targets: list[Target], layout: Layout) -> pa.Table:
+def _write_only(block: pa.Table, targets: list[Target], layout: Layout, segment: int) -> pa.Table:
     live, unit, reports = split_trailer(block)
-    return write_targets(live, unit, targets, layout, reports)
+    return write_targets(live, unit, targets, layout, reports, segment)
 
 
 class Runner:
     """Executes a :class:`Plan` into an output folder on the current Ray cluster."""
 
-    def __init__(self, plan: Plan, output: str) -> None:
+    def __init__(
+        self, plan: Plan, output: str, resume: bool = False, cache_dir: str | None = None
+    ) -> None:
         self.plan = plan
-        self.layout = Layout(os.path.abspath(output))
         self.execution: ExecutionSpec = plan.pipeline.spec.execution
+        opts = plan.pipeline.spec.storage.options()
+        root = output if storage.is_s3(output) else os.path.abspath(output)
+        self.cache_dir = cache_dir or storage.join(root, "_cache")
+        #: Cached nodes: their key and their entry in the stage cache.
+        self.cached = {
+            node: chain_key(plan, node)
+            for node in sorted(plan.materialized)
+            if node in plan.pipeline.stages and plan.pipeline.stages[node].cache
+        }
+        entries = {n: entry_root(self.cache_dir, n, k) for n, k in self.cached.items()}
+        self.layout = Layout(root, opts, entries)
+        self.resume = resume
         self.units = self._plan_units()
         self.reports: list[dict[str, Any]] = []
+        self.imported: list[dict[str, Any]] = []
+        self.reused: list[str] = []
         self.global_seconds: dict[str, float] = {}
+        self._sizes: dict[str, int] | None = None
 
     def _plan_units(self) -> dict[str, list[Unit]]:
         units: dict[str, list[Unit]] = {}
@@ -404,10 +451,67 @@ class Runner:
     def run(self) -> None:
         self.check_resources()
         ray.data.DataContext.get_current().target_max_block_size = None
+        self._reuse_cached()
+        needed = self._needed_segments()
         for segment in self.plan.segments:
+            if segment.index not in needed:
+                continue
             if segment.apply is not None:
                 self._run_global(segment.apply)
             self._run_segment(segment)
+            self._save_cached(segment)
+        produced = {report_key(r) for r in self.reports}
+        self.reports.extend(r for r in self.imported if report_key(r) not in produced)
+
+    def cache_info(self) -> dict[str, Any]:
+        """For the manifest: each cached stage, its key, and whether this run reused it."""
+        return {
+            "dir": self.cache_dir,
+            "stages": {n: {"key": k, "reused": n in self.reused} for n, k in self.cached.items()},
+        }
+
+    def _reuse_cached(self) -> None:
+        for node, key in self.cached.items():
+            root = self.layout.work_roots[node]
+            reports = load_entry(self.layout, root, key)
+            if reports is None:
+                continue
+            self.imported.extend(import_entry(self.layout, root, reports))
+            self.reused.append(node)
+            self.plan.materialized_done.add(node)
+
+    def _needed_segments(self) -> set[int]:
+        """Segments to run: those writing a sink, and those producing a materialized node
+        that a needed segment reads, unless the stage cache already holds it."""
+        needed: set[int] = set()
+        demand: set[str] = set()
+        for segment in reversed(self.plan.segments):
+            targets = segment.targets
+            if all(k == "materialize" and n in self.reused for k, n in targets):
+                continue
+            if not any(k == "sink" or n in demand for k, n in targets):
+                continue
+            needed.add(segment.index)
+            demand.update(segment.inputs)
+            if segment.apply is not None:
+                demand.update(self.plan.pipeline.stages[segment.apply].inputs)
+        return needed
+
+    def _save_cached(self, segment: Segment) -> None:
+        for kind, node in segment.targets:
+            if kind == "materialize" and node in self.cached:
+                names = ancestors(self.plan.pipeline, node)
+                root = self.layout.work_roots[node]
+                save_entry(self.layout, root, node, self.cached[node], names, self.reports)
+
+    def _existing_sizes(self) -> dict[str, int]:
+        """Size of every file under the output and the cache entries (for --resume)."""
+        if self._sizes is None:
+            roots = [self.layout.root, *self.layout.work_roots.values()]
+            self._sizes = {
+                f.uri: f.size for root in roots for f in storage.list_prefix(root, self.layout.opts)
+            }
+        return self._sizes
 
     def _reads(self, segment: Segment, columns: tuple[str, ...] | None = None) -> list[UnitRead]:
         reads = []
@@ -448,7 +552,13 @@ class Runner:
 
     def _run_segment(self, segment: Segment) -> None:
         reads = self._reads(segment)
+        if self.resume:
+            done = committed_units(self.layout, segment.index, self._existing_sizes())
+            for unit in sorted(done):
+                self.reports.extend(done[unit])
+            reads = [r for r in reads if r.unit.index not in done]
         if not reads:
+            self._mark_done(segment)
             return
         ds = self._dataset(reads)
         targets = self._targets(segment)
@@ -463,6 +573,7 @@ class Runner:
                     self.plan.pipeline.spec.seed,
                     self.layout,
                     targets if last else [],
+                    segment.index,
                 ),
                 batch_size=None,
                 batch_format="pyarrow",
@@ -471,18 +582,25 @@ class Runner:
             )
         if not groups:
             ds = ds.map_batches(
-                functools.partial(_write_only, targets=targets, layout=self.layout),
+                functools.partial(
+                    _write_only, targets=targets, layout=self.layout, segment=segment.index
+                ),
                 batch_size=None,
                 batch_format="pyarrow",
                 zero_copy_batch=True,
             )
         for row in ds.take_all():
             self.reports.extend(json.loads(row["reports"]))
+        self._mark_done(segment)
+
+    def _mark_done(self, segment: Segment) -> None:
         for kind, name in segment.targets:
             if kind == "materialize":
                 self.plan.materialized_done.add(name)
 
     def _run_global(self, name: str) -> None:
+        if self.resume and global_done(self.layout, name):
+            return
         start = time.perf_counter()
         stage = self.plan.stages[name]
         assert isinstance(stage, GlobalStage)
@@ -492,11 +610,11 @@ class Runner:
         reads = [
             r
             for r in self._reads(Segment(-1, inputs, None, (), ()), columns)
-            if r.node is not None
-            and pq.ParquetFile(self.layout.work(r.node, r.unit.index)).metadata.num_rows
+            if r.node is not None and _num_rows(self.layout, self.layout.work(r.node, r.unit.index))
         ]
         if not reads:  # every unit is empty: nothing to decide
             self.global_seconds[name] = time.perf_counter() - start
+            commit_global(self.layout, name, [])
             return
         # Ray turns an empty block into a schemaless one, which its shuffles reject,
         # so units without rows are left out of the key dataset (they need no decision).
@@ -506,14 +624,20 @@ class Runner:
             functools.partial(_write_decisions, stage=name, layout=self.layout),
             batch_format="pyarrow",
         )
-        written.materialize()
+        units = sorted(int(row["unit"]) for row in written.take_all())
+        commit_global(self.layout, name, units)
         self.global_seconds[name] = time.perf_counter() - start
+
+
+def _num_rows(layout: Layout, path: str) -> int:
+    with storage.open_input(path, layout.opts) as handle:
+        return int(pq.ParquetFile(handle).metadata.num_rows)
 
 
 def _write_decisions(group: pa.Table, stage: str, layout: Layout) -> pa.Table:
     group = group.select(DECISION_SCHEMA.names).cast(DECISION_SCHEMA).sort_by(POS)
     unit = int(group.column(UNIT)[0].as_py())
-    write_parquet_atomic(group, layout.decisions(stage, unit))
+    write_parquet_atomic(group, layout.decisions(stage, unit), "zstd", layout.opts)
     return pa.table({"unit": [unit], "rows": [group.num_rows]})
 
 

@@ -92,6 +92,9 @@ class Stage(ABC):
     Config: ClassVar[type[StageConfig]] = StageConfig
     requires: ClassVar[tuple[Requirement, ...]] = ()
     default_resources: ClassVar[Resources] = Resources()
+    #: Whether the stage cache keeps this stage's output unless the YAML says
+    #: ``cache: false`` (true for expensive scorers whose output outlives thresholds).
+    cache_default: ClassVar[bool] = False
 
     def __init__(self, config: StageConfig, context: StageContext) -> None:
         self.config = config

@@ -216,7 +216,7 @@ def test_output_folder_is_never_mixed_with_an_older_run(project: Path, tmp_path:
 
     out = tmp_path / "out"
     run(str(project), str(out))
-    with pytest.raises(OutputExistsError, match="holds a previous run; pass --overwrite"):
+    with pytest.raises(OutputExistsError, match="holds a previous run; pass --resume"):
         run(str(project), str(out))
     stale = out / "out" / "part-999999-0000.parquet"
     stale.write_bytes(b"old")

@@ -37,6 +37,7 @@ class Pipeline:
                 "type": bound.type,
                 "input": list(bound.inputs),
                 "resources": bound.resources.model_dump(mode="json"),
+                "cache": bound.cache,
                 **bound.config.model_dump(mode="json"),
             }
         return data
@@ -157,13 +158,18 @@ def _bind_stages(spec: PipelineSpec, pos: Positions, issues: list[Issue]) -> dic
             continue
         resources = stage.resources or cls.default_resources
         bound[name] = BoundStage(
-            name=name, type=stage.type, inputs=inputs[name], config=config, resources=resources
+            name=name,
+            type=stage.type,
+            inputs=inputs[name],
+            config=config,
+            resources=resources,
+            cache=cls.cache_default if stage.cache is None else stage.cache,
         )
     return bound
 
 
 #: Folders of the output root that a sink may not take.
-RESERVED_SINK_NAMES = {"rejects", "_work"}
+RESERVED_SINK_NAMES = {"rejects", "_work", "_commits", "_cache"}
 
 
 def _check_names(spec: PipelineSpec, pos: Positions, issues: list[Issue]) -> None:

@@ -11,9 +11,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ByteSize, ConfigDict, Field, field_validator
 
+from curate.io.storage import StorageOptions
 from curate.stage import POS, RESERVED_COLUMNS, UNIT, Resources, StageConfig
 
 RESERVED_NAMES = {*RESERVED_COLUMNS, UNIT, POS}
+#: Columns a WebDataset source adds (see ``curate.io.webdataset``).
+WEBDATASET_NAMES = {"key", "image", "image_ext", "width", "height"}
 #: Column types a JSONL source may declare for its extra fields.
 ColumnType = Literal["string", "int64", "float64", "bool", "json"]
 
@@ -25,19 +28,31 @@ class _Strict(BaseModel):
 class SourceSpec(_Strict):
     """An input collection of shards."""
 
-    uri: str | list[str] = Field(description="file, directory, glob, or a list of them")
-    format: Literal["jsonl", "parquet"] | None = Field(
+    uri: str | list[str] = Field(
+        description="file, directory, glob, brace range, s3:// URI, or a list of them"
+    )
+    format: Literal["jsonl", "parquet", "webdataset"] | None = Field(
         None, description="inferred from the file extension when absent"
     )
     text_column: str = "text"
+    #: For WebDataset: a field of the ``.json`` member, else an id is derived.
     id_column: str | None = None
+    #: WebDataset: the member extension holding the caption (``txt``), or ``json:<field>``.
+    caption: str = Field("txt", pattern=r"^(json:.+|[a-z0-9_]+(\.[a-z0-9_]+)*)$")
+    #: WebDataset: member extensions tried, in order, for the image.
+    image_extensions: list[str] = Field(
+        default_factory=lambda: ["jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff"]
+    )
+    #: WebDataset: images with more pixels than this are rejected from their header
+    #: (never decoded).  The default is Pillow's own decompression-bomb limit.
+    max_image_pixels: int = Field(89_478_485, gt=0)
     #: Extra fields to keep, with their types; for Parquet, None keeps all columns.
     columns: dict[str, ColumnType] | None = None
 
     @field_validator("columns")
     @classmethod
     def _not_reserved(cls, value: dict[str, ColumnType] | None) -> dict[str, ColumnType] | None:
-        taken = sorted(set(value or {}) & RESERVED_NAMES)
+        taken = sorted(set(value or {}) & (RESERVED_NAMES | WEBDATASET_NAMES))
         if taken:
             raise ValueError(f"column names not reserved by curate ({', '.join(taken)} are)")
         return value
@@ -53,6 +68,9 @@ class StageSpec(BaseModel):
         None, description="upstream source or stage; defaults to the previous stage"
     )
     resources: Resources | None = None
+    #: Keep this stage's output in the stage cache and reuse it while its inputs,
+    #: its spec and upstream specs and the code are unchanged (None: the stage's default).
+    cache: bool | None = None
 
     def params(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
@@ -62,11 +80,43 @@ class SinkSpec(_Strict):
     """Where the output of one node is written."""
 
     input: str
-    format: Literal["parquet"] = "parquet"
+    format: Literal["parquet", "webdataset"] = "parquet"
     shard_bytes: ByteSize | None = Field(None, description="defaults to execution.shard_bytes")
+    #: WebDataset: also cut a tar after this many samples.
+    shard_samples: int | None = Field(None, gt=0)
     compression: Literal["zstd", "snappy", "gzip", "none"] = "zstd"
     #: Columns to write (reserved columns are always written); None writes all.
     columns: list[str] | None = None
+
+
+class S3Spec(_Strict):
+    """How to reach S3 or an S3-compatible store; credentials come from the AWS chain."""
+
+    endpoint_url: str | None = Field(None, description="e.g. http://127.0.0.1:9000 for MinIO")
+    region: str | None = None
+    multipart_threshold: ByteSize = ByteSize(64 * 2**20)
+    part_size: ByteSize = Field(ByteSize(16 * 2**20), ge=5 * 2**20)
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _no_credentials(cls, value: str | None) -> str | None:
+        if value is not None and "@" in value.partition("://")[2].partition("/")[0]:
+            raise ValueError(
+                "an endpoint URL without user:password@ (use the AWS credential chain)"
+            )
+        return value
+
+
+class StorageSpec(_Strict):
+    s3: S3Spec = S3Spec()
+
+    def options(self) -> StorageOptions:
+        return StorageOptions(
+            endpoint_url=self.s3.endpoint_url,
+            region=self.s3.region,
+            multipart_threshold=int(self.s3.multipart_threshold),
+            part_size=int(self.s3.part_size),
+        )
 
 
 class ExecutionSpec(_Strict):
@@ -76,6 +126,8 @@ class ExecutionSpec(_Strict):
     unit_bytes: ByteSize = ByteSize(64 * 2**20)
     #: Output Parquet shards are cut at about this size.
     shard_bytes: ByteSize = ByteSize(256 * 2**20)
+    #: Where cached stage outputs live (``cache: true`` stages); default ``<output>/_cache``.
+    cache_dir: str | None = None
 
 
 class PipelineSpec(_Strict):
@@ -89,6 +141,7 @@ class PipelineSpec(_Strict):
     stages: dict[str, StageSpec] = Field(default_factory=dict)
     sinks: dict[str, SinkSpec]
     execution: ExecutionSpec = ExecutionSpec()
+    storage: StorageSpec = StorageSpec()
     output: str | None = None
 
     @field_validator("sources", "sinks")
@@ -107,3 +160,4 @@ class BoundStage(_Strict):
     inputs: tuple[str, ...]
     config: StageConfig
     resources: Resources
+    cache: bool = False

@@ -1,4 +1,4 @@
-"""Input listing, units of work, and atomic, checksummed file writes (local disk).
+"""Input listing, units of work, and atomic, checksummed file writes (local or S3).
 
 A *shard* is one input file.  A *unit* is a run of consecutive shards of one
 source, grouped up to ``execution.unit_bytes``: the unit is the block Ray
@@ -13,15 +13,18 @@ import glob
 import hashlib
 import io
 import os
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from curate.io import storage
+from curate.io.storage import LOCAL, StorageError, StorageOptions
+
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json", ".json.gz", ".json.zst")
 PARQUET_SUFFIXES = (".parquet", ".pq")
+WEBDATASET_SUFFIXES = (".tar",)
 
 
 class InputError(ValueError):
@@ -30,11 +33,13 @@ class InputError(ValueError):
 
 @dataclass(frozen=True)
 class Shard:
-    """One input file: ``uri`` as the user wrote it (for provenance), ``path`` to open."""
+    """One input file: ``uri`` as the user wrote it (for provenance), ``path`` to open,
+    and ``version`` (mtime or ETag), which fingerprints it for the stage cache."""
 
     uri: str
     path: str
     size: int
+    version: str = ""
 
 
 @dataclass(frozen=True)
@@ -56,6 +61,8 @@ def infer_format(path: str) -> str | None:
         return "parquet"
     if lower.endswith(JSONL_SUFFIXES):
         return "jsonl"
+    if lower.endswith(WEBDATASET_SUFFIXES):
+        return "webdataset"
     return None
 
 
@@ -66,41 +73,79 @@ def _display(path: Path, base_dir: Path, written: str) -> str:
     return os.path.relpath(path, base_dir)
 
 
-def list_shards(uris: str | list[str], base_dir: Path) -> list[Shard]:
-    """Expand files, directories and globs, sorted by path; raise if nothing matches."""
+def list_shards(uris: str | list[str], base_dir: Path, opts: StorageOptions = LOCAL) -> list[Shard]:
+    """Expand files, directories, globs and brace ranges (``shard-{000..099}.tar``),
+    locally or on S3, sorted by path; raise if a pattern matches nothing."""
     shards: dict[str, Shard] = {}
     for written in [uris] if isinstance(uris, str) else uris:
-        if "://" in written:
-            raise InputError(f"{written}: remote storage is not supported yet (local paths only)")
-        matches = _expand(written, base_dir)
-        if not matches:
-            where = written if os.path.isabs(written) else f"{written} under {base_dir}"
+        try:
+            storage.check_uri(written)
+            found = (
+                _expand_s3(written, opts) if storage.is_s3(written) else _expand(written, base_dir)
+            )
+        except StorageError as exc:
+            raise InputError(str(exc)) from None
+        if not found:
+            where = (
+                written
+                if "://" in written or os.path.isabs(written)
+                else f"{written} under {base_dir}"
+            )
             raise InputError(f"{written}: no file matches (looked for {where})")
-        for match in matches:
-            for path in _files_under(Path(match)):
-                shards[str(path)] = Shard(
-                    _display(path, base_dir, written), str(path), path.stat().st_size
-                )
+        for info in found:
+            display = (
+                info.uri if storage.is_s3(info.uri) else _display(Path(info.uri), base_dir, written)
+            )
+            shards[info.uri] = Shard(display, info.uri, info.size, info.version)
     return [shards[k] for k in sorted(shards)]
 
 
-def _expand(written: str, base_dir: Path) -> list[str]:
-    """An existing path as it is (even with glob characters in its name), else a glob;
-    a relative pattern is matched inside ``base_dir`` (whose own name may hold ``[``)."""
+def _expand(written: str, base_dir: Path) -> list[storage.FileInfo]:
+    """An existing path as it is (even with glob or brace characters in its name), else
+    brace ranges and globs; a relative pattern is matched inside ``base_dir`` (whose own
+    name may hold ``[``)."""
     path = Path(written) if os.path.isabs(written) else base_dir / written
     if path.exists():
-        return [str(path)]
-    if os.path.isabs(written):
-        return sorted(glob.glob(written, recursive=True))
-    found = glob.glob(written, root_dir=base_dir, recursive=True)
-    return sorted(str(base_dir / f) for f in found)
+        return [storage.stat(str(p)) for p in _files_under(path)]
+    found: list[storage.FileInfo] = []
+    for pattern in storage.expand_braces(written):
+        one = Path(pattern) if os.path.isabs(pattern) else base_dir / pattern
+        if one.exists():
+            found.extend(storage.stat(str(p)) for p in _files_under(one))
+            continue
+        if os.path.isabs(pattern):
+            matches = glob.glob(pattern, recursive=True)
+        else:
+            matches = [
+                str(base_dir / f) for f in glob.glob(pattern, root_dir=base_dir, recursive=True)
+            ]
+        for match in sorted(matches):
+            found.extend(storage.stat(str(p)) for p in _files_under(Path(match)))
+    return found
+
+
+def _expand_s3(written: str, opts: StorageOptions) -> list[storage.FileInfo]:
+    found: list[storage.FileInfo] = []
+    for pattern in storage.expand_braces(written):
+        matches = storage.glob_files(pattern, opts)
+        if matches is not None:
+            found.extend(m for m in matches if infer_format(m.uri))
+            continue
+        if storage.exists(pattern, opts):
+            found.append(storage.stat(pattern, opts))
+            continue
+        under = [f for f in storage.list_prefix(pattern, opts) if infer_format(f.uri)]
+        if not under and storage.list_prefix(pattern, opts):
+            raise InputError(f"{pattern}: folder holds no .jsonl/.json/.parquet/.tar files")
+        found.extend(under)
+    return found
 
 
 def _files_under(path: Path) -> list[Path]:
     if path.is_dir():
         found = [p for p in sorted(path.rglob("*")) if p.is_file() and infer_format(p.name)]
         if not found:
-            raise InputError(f"{path}: directory holds no .jsonl/.json/.parquet files")
+            raise InputError(f"{path}: directory holds no .jsonl/.json/.parquet/.tar files")
         return found
     return [path.resolve()]
 
@@ -145,31 +190,31 @@ def parquet_bytes(table: pa.Table, compression: str = "zstd") -> bytes:
     return sink.getvalue()
 
 
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write to a hidden temporary name in the same folder, fsync, then rename.
-
-    A crash leaves at worst a ``.*.tmp-*`` file, never a half-written file under
-    the final name.
-    """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex}")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, target)
+def atomic_write_bytes(path: str, data: bytes, opts: StorageOptions = LOCAL) -> None:
+    """Write atomically (see :func:`curate.io.storage.write_bytes`): a crash leaves at
+    worst a hidden ``.*.tmp-*`` file or an invisible upload, never a half-written file
+    under the final name."""
+    storage.write_bytes(path, data, opts)
 
 
-def write_parquet_atomic(table: pa.Table, path: str, compression: str = "zstd") -> WrittenFile:
+def write_parquet_atomic(
+    table: pa.Table, path: str, compression: str = "zstd", opts: StorageOptions = LOCAL
+) -> WrittenFile:
     data = parquet_bytes(table, compression)
-    atomic_write_bytes(path, data)
+    atomic_write_bytes(path, data, opts)
     return WrittenFile(path, table.num_rows, len(data), hashlib.sha256(data).hexdigest())
 
 
-def read_bytes(shard: Shard) -> bytes:
+def read_bytes(shard: Shard, opts: StorageOptions = LOCAL) -> bytes:
     try:
-        with open(shard.path, "rb") as handle:
-            return handle.read()
+        return storage.read_bytes(shard.path, opts)
     except OSError as exc:
         raise InputError(f"{shard.uri}: cannot read input file: {exc}") from exc
+
+
+def read_parquet(
+    path: str, opts: StorageOptions = LOCAL, columns: list[str] | None = None
+) -> pa.Table:
+    """A whole Parquet file (local or S3) as a table without schema metadata."""
+    data = storage.read_bytes(path, opts)
+    return pq.read_table(pa.BufferReader(data), columns=columns).replace_schema_metadata(None)

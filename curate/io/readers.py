@@ -32,6 +32,8 @@ import zstandard
 
 from curate.config.model import ColumnType, SourceSpec
 from curate.io.files import InputError, Shard, Unit, infer_format, read_bytes
+from curate.io.storage import LOCAL, StorageOptions
+from curate.io.webdataset import WEBDATASET_COLUMNS, image_size, scan_tar
 from curate.stage import POS, RESERVED_COLUMNS, UNIT
 
 ARROW_TYPES: dict[str, pa.DataType] = {
@@ -371,7 +373,10 @@ def declared_columns(spec: SourceSpec) -> dict[str, pa.DataType]:
 
 
 def read_unit(
-    unit: Unit, spec: SourceSpec, expected: dict[str, pa.DataType] | None = None
+    unit: Unit,
+    spec: SourceSpec,
+    expected: dict[str, pa.DataType] | None = None,
+    opts: StorageOptions = LOCAL,
 ) -> tuple[pa.Table, pa.Table, list[InputInfo]]:
     """Records, quarantined rows and input facts for one unit.
 
@@ -383,7 +388,7 @@ def read_unit(
     rejects: list[pa.Table] = []
     inputs: list[InputInfo] = []
     for shard in unit.shards:
-        data = read_bytes(shard)
+        data = read_bytes(shard, opts)
         digest = hashlib.sha256(data).hexdigest()
         table, bad = _read_shard(unit, spec, shard, data, expected)
         tables.append(table)
@@ -405,8 +410,12 @@ def _read_shard(
         table, bad = ParquetParser(unit.source, spec, expected).read(shard, data)
     elif fmt == "jsonl":
         table, bad = _jsonl_tables(unit.source, spec, shard, _decompress(shard, data))
+    elif fmt == "webdataset":
+        table, bad = WebDatasetParser(unit.source, spec, expected).read(shard, data)
     else:
-        raise InputError(f"{shard.uri}: unknown format; set 'format: jsonl' or 'format: parquet'")
+        raise InputError(
+            f"{shard.uri}: unknown format; set 'format:' to jsonl, parquet or webdataset"
+        )
     source = pa.array([unit.source] * table.num_rows, pa.string())
     table = table.add_column(2, "source", source)
     return table.select(["id", "text", "source", "provenance", *expected]), bad
@@ -493,3 +502,115 @@ def _fast_jsonl(name: str, spec: SourceSpec, shard: Shard, data: bytes) -> pa.Ta
     out = {"id": ids, "text": text, **{c: table.column(c) for c in columns}}
     rows = np.arange(table.num_rows, dtype=np.int64)
     return pa.table(out).append_column("provenance", _provenance(shard.uri, rows))
+
+
+class WebDatasetParser:
+    """Reads a WebDataset tar into rows (see :mod:`curate.io.webdataset`).
+
+    ``expected`` holds the WebDataset columns and the declared ``.json`` fields.
+    """
+
+    def __init__(self, name: str, spec: SourceSpec, expected: dict[str, pa.DataType]) -> None:
+        self.name = name
+        self.spec = spec
+        self.fields = {c: k for c, k in (spec.columns or {}).items()}
+        self.caption_field = spec.caption[5:] if spec.caption.startswith("json:") else None
+        self.expected = expected
+
+    def read(self, shard: Shard, data: bytes) -> tuple[pa.Table, pa.Table]:
+        scan = scan_tar(data)
+        rows: list[dict[str, Any]] = []
+        rows_pos: list[int] = []
+        rejects: list[dict[str, Any]] = []
+        for sample in scan.samples:
+            record = None if sample.problem else self._record(sample, shard.uri)
+            if record is None or isinstance(record, tuple):
+                reason, detail = sample.problem or record or ("bad_sample", "")
+                rejects.append(self._reject(shard.uri, sample.first, sample.key, reason, detail))
+                continue
+            rows.append(record)
+            rows_pos.append(sample.first)
+        if scan.damage is not None:
+            member, reason, detail = scan.damage
+            rejects.append(self._reject(shard.uri, member, "", reason, detail))
+        schema = pa.schema(
+            [("id", pa.string()), ("text", pa.string()), *WEBDATASET_COLUMNS.items()]
+            + [(c, ARROW_TYPES[k]) for c, k in self.fields.items()]
+        )
+        table = pa.Table.from_pylist(rows, schema=schema)
+        table = table.append_column("provenance", _provenance(shard.uri, rows_pos))
+        return table, pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA)
+
+    def _reject(self, uri: str, member: int, key: str, reason: str, detail: str) -> dict[str, Any]:
+        where = f"{uri} member {member}" + (f" (key {key!r})" if key else "")
+        return {
+            "id": record_id(self.name, uri, member, key),
+            "stage": self.name,
+            "reason": f"{reason}:{where}: {detail}",
+            "value": key or None,
+            "provenance": {"uri": uri, "row": member},
+        }
+
+    def _record(self, sample: Any, uri: str) -> dict[str, Any] | tuple[str, str]:
+        members: dict[str, bytes] = sample.members
+        ext = next((e for e in self.spec.image_extensions if e in members), None)
+        if ext is None:
+            return (
+                "missing_image",
+                f"no member with extension {'/'.join(self.spec.image_extensions)}",
+            )
+        meta: dict[str, Any] = {}
+        if "json" in members:
+            try:
+                meta = json.loads(members["json"].decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                return "invalid_json", f"{sample.key}.json: {exc}"
+            if not isinstance(meta, dict):
+                return "not_an_object", f"{sample.key}.json holds a {type(meta).__name__}"
+        elif self.fields or self.caption_field or self.spec.id_column:
+            return "missing_json", f"no {sample.key}.json member"
+        caption = self._caption(members, meta, sample.key)
+        if isinstance(caption, tuple):
+            return caption
+        size = image_size(members[ext], self.spec.max_image_pixels)
+        if isinstance(size[0], str):
+            return str(size[0]), str(size[1])
+        record: dict[str, Any] = {
+            "text": caption,
+            "key": sample.key,
+            "image": members[ext],
+            "image_ext": ext,
+            "width": size[0],
+            "height": size[1],
+        }
+        if self.spec.id_column is not None:
+            rid = meta.get(self.spec.id_column)
+            if rid is None or isinstance(rid, dict | list):
+                return "missing_id", f"no scalar {self.spec.id_column!r} in {sample.key}.json"
+            record["id"] = str(rid)
+        else:
+            record["id"] = record_id(
+                self.name, uri, sample.first, sample.key.encode() + b"\x00" + members[ext]
+            )
+        for column, kind in self.fields.items():
+            try:
+                record[column] = _cast(meta.get(column), kind)
+            except TypeError as exc:
+                return "bad_column", f"{column!r}: {exc}"
+        return record
+
+    def _caption(
+        self, members: dict[str, bytes], meta: dict[str, Any], key: str
+    ) -> str | tuple[str, str]:
+        if self.caption_field is not None:
+            value = meta.get(self.caption_field)
+            if not isinstance(value, str):
+                return "missing_caption", f"no string {self.caption_field!r} in {key}.json"
+            return value
+        raw = members.get(self.spec.caption)
+        if raw is None:
+            return "missing_caption", f"no {key}.{self.spec.caption} member"
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return "bad_utf8", f"{key}.{self.spec.caption}: invalid UTF-8 at byte {exc.start}"

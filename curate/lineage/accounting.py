@@ -19,6 +19,7 @@ import pyarrow.compute as pc
 
 from curate.io.files import write_parquet_atomic
 from curate.io.readers import REJECT_SCHEMA
+from curate.io.storage import LOCAL, StorageOptions
 from curate.stage import reason_category
 
 REPORTS_KEY = b"curate.reports"
@@ -103,11 +104,13 @@ def build_rejects(
     )
 
 
-def write_rejects(path: str, rejects: pa.Table) -> dict[str, Any] | None:
+def write_rejects(
+    path: str, rejects: pa.Table, opts: StorageOptions = LOCAL
+) -> dict[str, Any] | None:
     """Write a unit's rejects of one stage (nothing when there are none); return its facts."""
     if not rejects.num_rows:
         return None
-    written = write_parquet_atomic(rejects, path)
+    written = write_parquet_atomic(rejects, path, "zstd", opts)
     return {
         "path": written.path,
         "rows": written.rows,

@@ -135,7 +135,17 @@ def build_manifest(
     )
     outputs: dict[str, list[dict[str, Any]]] = {s: [] for s in plan.pipeline.spec.sinks}
     for r in sorted((r for r in reports if r["kind"] == "output"), key=lambda r: r["path"]):
-        outputs[r["sink"]].append({k: r[k] for k in ("path", "rows", "bytes", "sha256")})
+        outputs[r["sink"]].append(
+            {"path": layout.relative(r["path"]), **{k: r[k] for k in ("rows", "bytes", "sha256")}}
+        )
+    indexes = sorted(
+        (
+            {"sink": r["sink"], "path": layout.relative(r["path"]), "rows": r["rows"]}
+            for r in reports
+            if r["kind"] == "index"
+        ),
+        key=lambda r: r["path"],
+    )
     rejects = sorted(
         (
             {**r["rejects_file"], "path": layout.relative(r["rejects_file"]["path"])}
@@ -162,6 +172,7 @@ def build_manifest(
         "inputs": inputs,
         "stages": stages,
         "outputs": outputs,
+        "indexes": indexes,
         "rejects": {"rows": sum(f["rows"] for f in rejects), "files": rejects},
         "run": run_info,
     }
@@ -178,4 +189,4 @@ def stage_seconds(reports: list[dict[str, Any]]) -> dict[str, float]:
 
 def write_manifest(manifest: dict[str, Any], layout: Layout) -> None:
     text = json.dumps(manifest, indent=2, sort_keys=False) + "\n"
-    atomic_write_bytes(layout.manifest(), text.encode())
+    atomic_write_bytes(layout.manifest(), text.encode(), layout.opts)

@@ -1,0 +1,101 @@
+"""The commit log that makes ``curate run --resume`` work.
+
+The unit of work is one unit of one segment (an input shard or a group of
+them, through a fused chain of stages).  When a worker has written every file
+of a unit (output shards, rejects, materialized work files) it commits the
+unit: one small JSON object under ``_commits/seg-<s>/`` holding the unit's
+reports, among them every file it wrote with its size and sha256.  A unit is
+done exactly when its commit exists; files without a commit belong to a unit
+that will run again, and since every file name and byte is a function of the
+inputs and the spec, the rerun writes the same files.
+
+``--resume`` skips committed units whose files are all still there with
+their recorded sizes, and refuses to resume a folder written by a different
+spec or from different inputs (``_commits/run.json``).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from curate.io import storage
+from curate.io.layout import Layout
+
+
+class ResumeError(RuntimeError):
+    """The output folder cannot be resumed by this pipeline."""
+
+
+def write_commit(layout: Layout, segment: int, unit: int, reports: list[dict[str, Any]]) -> None:
+    body = {"segment": segment, "unit": unit, "reports": reports}
+    layout.write(layout.commit(segment, unit), json.dumps(body, sort_keys=True).encode())
+
+
+def files_of(reports: list[dict[str, Any]]) -> list[tuple[str, int]]:
+    """Every file a unit's reports say it wrote: (absolute path, bytes)."""
+    out = []
+    for r in reports:
+        if r["kind"] in ("output", "work", "index"):
+            out.append((r["path"], int(r["bytes"])))
+        elif r.get("rejects_file"):
+            out.append((r["rejects_file"]["path"], int(r["rejects_file"]["bytes"])))
+    return out
+
+
+def committed_units(
+    layout: Layout, segment: int, sizes: dict[str, int]
+) -> dict[int, list[dict[str, Any]]]:
+    """Units of ``segment`` committed earlier whose files are all present, with their
+    reports; ``sizes`` maps every existing file under the output (and cache) to its size."""
+    found: dict[int, list[dict[str, Any]]] = {}
+    folder = storage.join(layout.commits(), f"seg-{segment:03d}")
+    for info in storage.list_prefix(folder, layout.opts):
+        if not info.uri.endswith(".json"):
+            continue
+        body = json.loads(layout.read(info.uri))
+        reports = body["reports"]
+        if all(sizes.get(path) == size for path, size in files_of(reports)):
+            found[int(body["unit"])] = reports
+    return found
+
+
+def run_identity(spec_hash: str, inputs: list[list[Any]]) -> dict[str, Any]:
+    return {"format": "curate-commits/1", "spec_hash": spec_hash, "inputs": inputs}
+
+
+def check_resumable(layout: Layout, identity: dict[str, Any]) -> None:
+    """Refuse to resume a run of another spec or other inputs."""
+    path = layout.run_state()
+    if not layout.exists(path):
+        raise ResumeError(
+            f"{layout.root} has no commit log ({layout.relative(path)}): nothing to resume; "
+            "run without --resume"
+        )
+    before = json.loads(layout.read(path))
+    if before.get("spec_hash") != identity["spec_hash"]:
+        raise ResumeError(
+            f"{layout.root} was written by a different pipeline spec (hash "
+            f"{str(before.get('spec_hash'))[:12]}, now {identity['spec_hash'][:12]}); "
+            "--resume needs the same spec: pass --overwrite to start again"
+        )
+    if before.get("inputs") != identity["inputs"]:
+        changed = {tuple(i) for i in identity["inputs"]} ^ {tuple(i) for i in before["inputs"]}
+        example = sorted(str(c[0]) for c in changed)[:3]
+        raise ResumeError(
+            f"the inputs changed since {layout.root} was written ({', '.join(example)}); "
+            "--resume would mix old and new data: pass --overwrite to start again"
+        )
+
+
+def write_identity(layout: Layout, identity: dict[str, Any]) -> None:
+    layout.write(layout.run_state(), json.dumps(identity, sort_keys=True, indent=1).encode())
+
+
+def global_done(layout: Layout, stage: str) -> bool:
+    return layout.exists(layout.global_commit(stage))
+
+
+def commit_global(layout: Layout, stage: str, units: list[int]) -> None:
+    body = {"stage": stage, "units": units}
+    layout.write(layout.global_commit(stage), json.dumps(body, sort_keys=True).encode())
