@@ -16,6 +16,7 @@ $(STAMP): requirements/lock.txt pyproject.toml
 
 demo: setup
 	$(BIN)/curate run pipelines/demo_text.yaml --output out/demo_text --overwrite
+	$(BIN)/curate run pipelines/demo_image_text.yaml --output out/demo_image_text --overwrite
 
 lint: setup
 	$(BIN)/ruff check .
@@ -33,6 +34,7 @@ check: test
 
 bench: setup
 	$(BIN)/python bench/passthrough.py
+	$(BIN)/python bench/webdataset_read.py
 
 lock: setup
 	( echo "# Pinned, fully resolved dependencies (runtime + dev). Regenerate with: make lock"; \

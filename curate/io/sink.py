@@ -50,12 +50,18 @@ def cut(sizes: np.ndarray[Any, np.dtype[np.int64]], target: int) -> list[tuple[i
     return list(zip(starts.tolist(), stops, strict=True))
 
 
-def output_columns(table: pa.Table, columns: list[str] | None) -> pa.Table:
-    """Drop internal columns; keep reserved ones first, then the requested extras."""
+def output_columns(
+    table: pa.Table, columns: list[str] | None, always: tuple[str, ...] = ()
+) -> pa.Table:
+    """Drop internal columns; keep reserved ones (and ``always``), then the requested extras."""
     names = [c for c in table.column_names if c not in (UNIT, POS)]
     if columns is not None:
-        names = [c for c in names if c in RESERVED_COLUMNS or c in columns]
+        names = [c for c in names if c in RESERVED_COLUMNS or c in always or c in columns]
     return table.select(names)
+
+
+#: What a WebDataset sink writes whatever ``columns`` says: the sample's key and image.
+WEBDATASET_KEPT = ("key", "image", "image_ext")
 
 
 def write_sink(
@@ -158,7 +164,7 @@ def write_webdataset_sink(
 ) -> tuple[list[WrittenFile], WrittenFile | None]:
     """Tars ``part-<unit>-<k>.tar`` and one index ``index/part-<unit>.parquet`` mapping
     each key to its tar, the byte offset of its first member header, and its size."""
-    table = output_columns(table, columns)
+    table = output_columns(table, columns, WEBDATASET_KEPT)
     samples = webdataset_samples(table, sink)
     written, index_parts = [], []
     keys = table.column("key" if "key" in table.column_names else "id")

@@ -125,6 +125,13 @@ def scan_tar(data: bytes) -> TarScan:
                 "corrupt_tar",
                 f"unreadable data after byte {tar.offset} ({len(tail)} bytes not read)",
             )
+        elif len(tail) < 512:  # a whole tar ends with zero blocks: this one was cut short
+            damage = (
+                index,
+                "corrupt_tar",
+                f"truncated: no end-of-archive marker after byte {tar.offset}; "
+                "the last sample may be incomplete",
+            )
     return TarScan(samples, damage)
 
 
