@@ -122,7 +122,7 @@ def test_a_cut_at_any_member_boundary_is_detected(tmp_path: Path, cut: int) -> N
     data = tar_bytes([*sample("k1"), *sample("k2"), *sample("k3")])
     path = tmp_path / "s.tar"
     path.write_bytes(data[:cut])
-    table, rejects = read(path)
+    _, rejects = read(path)
     assert "corrupt_tar" in reasons(rejects) or "truncated_member" in reasons(rejects)
 
 
