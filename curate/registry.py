@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import importlib.util
+import sys
 from collections.abc import Callable
 from importlib.metadata import entry_points
+from pathlib import Path
 
 from curate.stage import Stage
 
@@ -100,3 +103,31 @@ def import_plugins(modules: list[str]) -> list[tuple[str, BaseException]]:
         except Exception as exc:  # a plugin is user code: any failure is reported
             failures.append((module, exc))
     return failures
+
+
+def plugin_locations(modules: list[str]) -> list[tuple[str, str | None]]:
+    """Each plugin module with the ``sys.path`` entry it was imported from, so that
+    Ray workers (fresh processes) can import it too."""
+    out: list[tuple[str, str | None]] = []
+    for module in modules:
+        spec = importlib.util.find_spec(module)
+        origin = spec.origin if spec is not None else None
+        if origin is None or not origin.endswith(".py"):
+            out.append((module, None))
+            continue
+        path = Path(origin)
+        if path.name == "__init__.py":
+            path = path.parent
+        out.append((module, str(path.parents[len(module.split(".")) - 1])))
+    return out
+
+
+def load_plugins(locations: list[tuple[str, str | None]]) -> None:
+    """In a worker: make the plugin modules importable and import them."""
+    for _, root in locations:
+        if root is not None and root not in sys.path:
+            sys.path.insert(0, root)
+    failures = import_plugins([m for m, _ in locations])
+    if failures:
+        module, exc = failures[0]
+        raise RegistryError(f"plugin module {module!r} cannot be imported on a worker: {exc}")

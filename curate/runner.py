@@ -57,6 +57,7 @@ from curate.lineage.cache import (
     save_entry,
 )
 from curate.lineage.commits import commit_global, committed_units, global_done, write_commit
+from curate.registry import load_plugins, plugin_locations
 from curate.stage import (
     DECISION_SCHEMA,
     POS,
@@ -362,7 +363,9 @@ class StageGroup:
         layout: Layout,
         targets: list[Target],
         segment: int,
+        plugins: list[tuple[str, str | None]],
     ) -> None:
+        load_plugins(plugins)
         self.stages = [(b.name, instantiate(b, seed), b.resources.batch_size) for b in stages]
         for _, stage, _ in self.stages:
             stage.setup()
@@ -574,6 +577,7 @@ class Runner:
                     self.layout,
                     targets if last else [],
                     segment.index,
+                    plugin_locations(self.plan.pipeline.spec.plugins),
                 ),
                 batch_size=None,
                 batch_format="pyarrow",

@@ -81,7 +81,7 @@ def check_resumable(layout: Layout, identity: dict[str, Any]) -> None:
         )
     if before.get("inputs") != identity["inputs"]:
         changed = {tuple(i) for i in identity["inputs"]} ^ {tuple(i) for i in before["inputs"]}
-        example = sorted(str(c[0]) for c in changed)[:3]
+        example = sorted({str(c[1]) for c in changed})[:3]
         raise ResumeError(
             f"the inputs changed since {layout.root} was written ({', '.join(example)}); "
             "--resume would mix old and new data: pass --overwrite to start again"
