@@ -32,7 +32,7 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from curate.config.model import BoundStage, ExecutionSpec, SinkSpec, SourceSpec
-from curate.dag import Plan, Segment, instantiate
+from curate.dag import Plan, Segment
 from curate.io import storage
 from curate.io.files import Unit, WrittenFile, plan_units, write_parquet_atomic
 from curate.io.layout import Layout
@@ -57,7 +57,7 @@ from curate.lineage.cache import (
     save_entry,
 )
 from curate.lineage.commits import commit_global, committed_units, global_done, write_commit
-from curate.registry import load_plugins, plugin_locations
+from curate.registry import get_stage_class, load_plugins, plugin_locations
 from curate.stage import (
     DECISION_SCHEMA,
     POS,
@@ -67,6 +67,7 @@ from curate.stage import (
     Filter,
     GlobalStage,
     Stage,
+    StageContext,
 )
 
 
@@ -353,20 +354,42 @@ def _file_report(kind: str, name: str, unit: int, f: WrittenFile) -> dict[str, A
     }
 
 
+@dataclass(frozen=True)
+class StageRef:
+    """A bound stage as plain data: type name and JSON parameters."""
+
+    name: str
+    type: str
+    params: dict[str, Any]
+    batch_size: int | None
+
+    @classmethod
+    def of(cls, bound: BoundStage) -> StageRef:
+        params = bound.config.model_dump(mode="json")
+        return cls(bound.name, bound.type, params, bound.resources.batch_size)
+
+    def build(self, seed: int) -> Stage:
+        stage_cls = get_stage_class(self.type)
+        config = stage_cls.Config.model_validate(self.params)
+        return stage_cls(config, StageContext(name=self.name, seed=seed))
+
+
 class StageGroup:
     """A fused chain of map stages in one actor; the last group also writes."""
 
     def __init__(
         self,
-        stages: list[BoundStage],
+        stages: list[StageRef],
         seed: int,
         layout: Layout,
         targets: list[Target],
         segment: int,
         plugins: list[tuple[str, str | None]],
     ) -> None:
+        # Plugin classes cannot travel pickled (a fresh worker may not import their
+        # module before unpickling), so stages travel as plain data and are rebuilt here.
         load_plugins(plugins)
-        self.stages = [(b.name, instantiate(b, seed), b.resources.batch_size) for b in stages]
+        self.stages = [(ref.name, ref.build(seed), ref.batch_size) for ref in stages]
         for _, stage, _ in self.stages:
             stage.setup()
         self.layout = layout
@@ -572,7 +595,7 @@ class Runner:
             ds = ds.map_batches(
                 StageGroup,
                 fn_constructor_args=(
-                    bound,
+                    [StageRef.of(b) for b in bound],
                     self.plan.pipeline.spec.seed,
                     self.layout,
                     targets if last else [],
