@@ -268,3 +268,33 @@ def test_webdataset_pipeline_round_trip_index_and_determinism(
     assert result.manifest["indexes"][0]["path"] == "out/index/part-000000.parquet"
     assert sum(f["rows"] for f in result.manifest["outputs"]["out"]) == stages["images"]["kept"]
     assert io  # (module used by helpers)
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_fast_header_scan_agrees_with_tarfile(fmt: int) -> None:
+    from curate.io.webdataset import _fast_members, _tarfile_members
+
+    members = [*sample("a/x1"), *sample("b" * 40 + "/" + "y" * 80), *sample("k3", "ünï")]
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
+        for name, data in (m[:2] for m in members):
+            info = tarfile.TarInfo(str(name))
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    data = buf.getvalue()
+    slow, slow_end, damage = _tarfile_members(data)
+    assert damage is None and [m.name for m in slow] == [m[0] for m in members]
+    fast = _fast_members(data)
+    if fast is not None:  # long names need PAX/GNU headers: those take the tarfile path
+        assert fast == (slow, slow_end)
+    if fmt == tarfile.USTAR_FORMAT:
+        assert fast is not None  # the common case is the fast one
+
+
+def test_png_size_from_ihdr_matches_pillow_and_checks_the_crc() -> None:
+    from curate.io.webdataset import _png_size
+
+    assert _png_size(png(123, 45)) == (123, 45)
+    damaged = bytearray(png(123, 45))
+    damaged[18] ^= 0xFF  # the width, without fixing the CRC
+    assert _png_size(bytes(damaged)) is None  # falls back to Pillow, which then decides

@@ -19,6 +19,7 @@ import io
 import json
 import re
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -387,19 +388,26 @@ def read_unit(
     tables: list[pa.Table] = []
     rejects: list[pa.Table] = []
     inputs: list[InputInfo] = []
+    hasher = ThreadPoolExecutor(max_workers=1)  # hashlib frees the GIL: hash while parsing
     for shard in unit.shards:
         data = read_bytes(shard, opts)
-        digest = hashlib.sha256(data).hexdigest()
+        pending = hasher.submit(_sha256, data)
         table, bad = _read_shard(unit, spec, shard, data, expected)
+        digest = pending.result()
         tables.append(table)
         rejects.append(bad)
         inputs.append(
             InputInfo(unit.source, shard.uri, len(data), digest, table.num_rows + bad.num_rows)
         )
+    hasher.shutdown()
     merged = pa.concat_tables(tables)
     merged = merged.append_column(UNIT, pa.array(np.full(merged.num_rows, unit.index, np.int64)))
     merged = merged.append_column(POS, pa.array(np.arange(merged.num_rows, dtype=np.int64)))
     return merged, pa.concat_tables(rejects), inputs
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def _read_shard(
