@@ -24,6 +24,23 @@ def ray_local() -> Iterator[None]:
         ray.shutdown()
 
 
+def user_files(root: Path) -> dict[str, bytes]:
+    """Every file a user reads in a run's output (shards, rejects, indexes), and the
+    manifest without its ``run`` key: what must be byte-identical between runs."""
+    out = {}
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root).as_posix()
+        if not path.is_file() or rel.startswith(("_commits/", "_work/", "_cache/", ".")):
+            continue
+        data = path.read_bytes()
+        if rel == "manifest.json":
+            manifest = json.loads(data)
+            manifest.pop("run")
+            data = json.dumps(manifest, sort_keys=True).encode()
+        out[rel] = data
+    return out
+
+
 def write_jsonl(path: Path, rows: list[Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as handle:

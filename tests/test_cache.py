@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import write_jsonl
+from conftest import user_files, write_jsonl
 
 from curate.api import run
 
@@ -81,20 +80,6 @@ def calls(tmp_path: Path) -> int:
     return len(log.read_text().splitlines()) if log.exists() else 0
 
 
-def tree(root: Path) -> dict[str, bytes]:
-    out = {}
-    for path in sorted(root.rglob("*")):
-        rel = path.relative_to(root).as_posix()
-        if path.is_file() and not rel.startswith(("_commits/", "_work/", "_cache/", ".")):
-            data = path.read_bytes()
-            if rel == "manifest.json":
-                manifest = json.loads(data)
-                manifest.pop("run")
-                data = json.dumps(manifest, sort_keys=True).encode()
-            out[rel] = data
-    return out
-
-
 def test_a_threshold_change_downstream_reuses_the_cached_scorer(
     project: Path, tmp_path: Path
 ) -> None:
@@ -114,7 +99,7 @@ def test_a_threshold_change_downstream_reuses_the_cached_scorer(
     fresh = tmp_path / "fresh"
     run(str(project), str(fresh), changed)
     assert calls(tmp_path) == 6  # a new output folder has no cache: computed again
-    assert tree(out) == tree(fresh)  # reuse changes nothing in what the user reads
+    assert user_files(out) == user_files(fresh)  # reuse changes nothing in what the user reads
 
 
 def test_an_upstream_change_or_new_input_recomputes(project: Path, tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import write_jsonl
+from conftest import user_files, write_jsonl
 
 SLOW_PLUGIN = '''\
 import os
@@ -90,22 +90,6 @@ def _cli(args: list[str]) -> list[str]:
     return [sys.executable, "-m", "curate.cli", *args]
 
 
-def _tree(root: Path) -> dict[str, bytes]:
-    """Every file a user reads: outputs, rejects, manifest (without its ``run`` key)."""
-    out = {}
-    for path in sorted(root.rglob("*")):
-        rel = path.relative_to(root).as_posix()
-        if not path.is_file() or rel.startswith(("_commits/", "_work/", "_cache/", ".")):
-            continue
-        data = path.read_bytes()
-        if rel == "manifest.json":
-            manifest = json.loads(data)
-            manifest.pop("run")
-            data = json.dumps(manifest, sort_keys=True).encode()
-        out[rel] = data
-    return out
-
-
 def test_sigkill_midway_then_resume_gives_byte_identical_outputs(
     project: Path, tmp_path: Path
 ) -> None:
@@ -153,7 +137,7 @@ def test_sigkill_midway_then_resume_gives_byte_identical_outputs(
     # committed units were not recomputed
     recomputed = len((tmp_path / "resumed.log").read_text().splitlines())
     assert recomputed <= UNITS - done_before
-    assert _tree(out) == _tree(ref)
+    assert user_files(out) == user_files(ref)
     assert not list(out.rglob(".*.tmp-*"))  # killed writers' temporary files were cleared
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["run"]["resumed"] is True
