@@ -365,7 +365,7 @@ class StageRef:
 
     @classmethod
     def of(cls, bound: BoundStage) -> StageRef:
-        params = bound.config.model_dump(mode="json")
+        params = bound.config.model_dump(mode="json", by_alias=True)
         return cls(bound.name, bound.type, params, bound.resources.batch_size)
 
     def build(self, seed: int) -> Stage:
@@ -425,15 +425,19 @@ class Runner:
         root = output if storage.is_s3(output) else os.path.abspath(output)
         self.cache_dir = cache_dir or storage.join(root, "_cache")
         #: Cached nodes: their key and their entry in the stage cache.
+        self.units = self._plan_units()
+        layout = {
+            name: [[u.index, [s.uri for s in u.shards]] for u in units]
+            for name, units in self.units.items()
+        }
         self.cached = {
-            node: chain_key(plan, node)
+            node: chain_key(plan, node, layout)
             for node in sorted(plan.materialized)
             if node in plan.pipeline.stages and plan.pipeline.stages[node].cache
         }
         entries = {n: entry_root(self.cache_dir, n, k) for n, k in self.cached.items()}
         self.layout = Layout(root, opts, entries)
         self.resume = resume
-        self.units = self._plan_units()
         self.reports: list[dict[str, Any]] = []
         self.imported: list[dict[str, Any]] = []
         self.reused: list[str] = []
@@ -486,8 +490,12 @@ class Runner:
                 self._run_global(segment.apply)
             self._run_segment(segment)
             self._save_cached(segment)
+        self.reports = self._all_reports()
+
+    def _all_reports(self) -> list[dict[str, Any]]:
+        """This run's reports and the imported ones, each (stage, unit) once."""
         produced = {report_key(r) for r in self.reports}
-        self.reports.extend(r for r in self.imported if report_key(r) not in produced)
+        return [*self.reports, *(r for r in self.imported if report_key(r) not in produced)]
 
     def cache_info(self) -> dict[str, Any]:
         """For the manifest: each cached stage, its key, and whether this run reused it."""
@@ -502,7 +510,9 @@ class Runner:
             reports = load_entry(self.layout, root, key)
             if reports is None:
                 continue
-            self.imported.extend(import_entry(self.layout, root, reports))
+            known = {report_key(r) for r in self.imported}
+            fresh = [r for r in reports if report_key(r) not in known]
+            self.imported.extend(import_entry(self.layout, root, fresh))
             self.reused.append(node)
             self.plan.materialized_done.add(node)
 
@@ -528,7 +538,8 @@ class Runner:
             if kind == "materialize" and node in self.cached:
                 names = ancestors(self.plan.pipeline, node)
                 root = self.layout.work_roots[node]
-                save_entry(self.layout, root, node, self.cached[node], names, self.reports)
+                reports = self._all_reports()
+                save_entry(self.layout, root, node, self.cached[node], names, reports)
 
     def _existing_sizes(self) -> dict[str, int]:
         """Size of every file under the output and the cache entries (for --resume)."""

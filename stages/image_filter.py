@@ -20,7 +20,6 @@ rejects ``value`` is ``WIDTHxHEIGHT`` when known):
 from __future__ import annotations
 
 import io
-import warnings
 from collections.abc import Sequence
 from typing import ClassVar, Literal
 
@@ -29,6 +28,7 @@ import pyarrow as pa
 from PIL import Image
 from pydantic import Field
 
+from curate.io.webdataset import FORMATS, pixel_limit
 from curate.stage import Filter, Requirement, StageConfig, Verdict
 
 
@@ -46,14 +46,12 @@ def _measure(payload: bytes | None, cfg: ImageFilterConfig) -> tuple[int, int] |
     if not payload:
         return "bad_image", "no image bytes"
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(payload)) as img:
-                width, height = img.size
-                if width * height > cfg.max_pixels:
-                    return "image_too_large", f"{width}x{height} > max_pixels {cfg.max_pixels}"
-                if cfg.decode == "full":
-                    img.load()
+        with pixel_limit(cfg.max_pixels), Image.open(io.BytesIO(payload), formats=FORMATS) as img:
+            width, height = img.size
+            if width * height > cfg.max_pixels:
+                return "image_too_large", f"{width}x{height} > max_pixels {cfg.max_pixels}"
+            if cfg.decode == "full":
+                img.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         return "image_too_large", str(exc)
     except Exception as exc:  # Pillow raises many types for damaged data

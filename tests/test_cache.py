@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -121,3 +122,43 @@ def test_cache_false_turns_it_off(project: Path, tmp_path: Path) -> None:
     run(str(project), str(out), ["stages.score.cache=false"], overwrite=True)
     assert calls(tmp_path) == 6
     assert not (out / "_cache").exists()
+
+
+TWO_SOURCES = """\
+name: two
+seed: 2
+plugins: [cache_plugin]
+sources:
+  a: {{uri: "a/*.jsonl"}}
+  b: {{uri: "data/*.jsonl"}}
+stages:
+  s1: {{type: counting_score, input: b, cache: true, log: "{log}"}}
+  s2: {{type: text_stats, input: s1, cache: true}}
+  keep: {{type: length_filter, input: s2, min_words: 2}}
+  other: {{type: text_stats, input: a}}
+sinks:
+  out: {{input: keep}}
+  side: {{input: other}}
+execution:
+  unit_bytes: 1B
+"""
+
+
+def test_nested_cached_stages_and_a_growing_other_source(project: Path, tmp_path: Path) -> None:
+    write_jsonl(tmp_path / "a" / "a-0.jsonl", [{"text": "other source"}])
+    spec = tmp_path / "two.yaml"
+    spec.write_text(TWO_SOURCES.format(log=tmp_path / "calls.log"))
+    out = tmp_path / "out"
+    run(str(spec), str(out))
+    assert calls(tmp_path) == 3
+    again = run(str(spec), str(out), overwrite=True)  # both cached stages reused at once
+    cache = again.manifest["run"]["cache"]["stages"]
+    assert cache["s1"]["reused"] and cache["s2"]["reused"]
+    assert calls(tmp_path) == 3
+    # the other source gains a shard: every unit index of source b shifts by one
+    write_jsonl(tmp_path / "a" / "a-1.jsonl", [{"text": "more of the other source"}])
+    shifted = run(str(spec), str(out), overwrite=True)
+    fresh = tmp_path / "fresh"
+    run(str(spec), str(fresh))
+    assert user_files(out) == user_files(fresh)
+    assert shifted.manifest["stages"] == json.loads((fresh / "manifest.json").read_text())["stages"]

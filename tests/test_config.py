@@ -209,3 +209,22 @@ def test_bad_inputs_are_reported_with_config_errors(pipeline_file: Callable[[str
         "stages.length.input: expected the name of a source or stage (docs, stats), got 'statz'"
         in text
     )
+
+
+def test_an_endpoint_url_with_credentials_is_refused_without_echoing_them(
+    pipeline_file: Callable[[str], Path], tmp_path: Path
+) -> None:
+    (tmp_path / "d.jsonl").write_text('{"text": "a"}\n')
+    for url in (
+        "http://AKIAXX:topsecret1@127.0.0.1:9",
+        "AKIAXX:topsecret2@127.0.0.1:9",
+        "http://127.0.0.1:9/?X-Amz-Security-Token=topsecret3",
+    ):
+        path = pipeline_file(
+            "name: p\nsources: {d: {uri: d.jsonl}}\nsinks: {o: {input: d}}\n"
+            f"storage: {{s3: {{endpoint_url: '{url}'}}}}\n"
+        )
+        with pytest.raises(ConfigError) as info:
+            load_pipeline(str(path))
+        assert "topsecret" not in str(info.value)
+        assert "storage.s3.endpoint_url" in str(info.value)

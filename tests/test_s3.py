@@ -244,3 +244,35 @@ def test_overwrite_and_resume_on_s3(opts: StorageOptions, tmp_path: Path) -> Non
     assert again.manifest["outputs"]["o"][0]["rows"] == 1
     run(str(spec), out, overwrite=True)
     assert not storage.exists(f"{out}/o/part-999999-0000.parquet", opts)
+
+
+def test_bucket_root_output_is_cleared_by_overwrite(opts: StorageOptions, tmp_path: Path) -> None:
+    from curate.api import run
+
+    root_bucket = "curate-root"
+    storage.client(opts).create_bucket(Bucket=root_bucket)
+    for i in range(3):
+        storage.write_bytes(f"s3://{BUCKET}/in3/d-{i}.jsonl", b'{"text": "a b c"}\n', opts)
+    spec = tmp_path / "p.yaml"
+    spec.write_text(
+        f"name: r\nsources: {{d: {{uri: 's3://{BUCKET}/in3/*.jsonl'}}}}\n"
+        f"sinks: {{o: {{input: d}}}}\nstorage: {{s3: {{endpoint_url: '{opts.endpoint_url}'}}}}\n"
+        "execution: {unit_bytes: 1B}\n"
+    )
+    run(str(spec), f"s3://{root_bucket}")
+    assert len(keys_in(opts, root_bucket, "o/")) == 3
+    client = storage.client(opts)
+    client.delete_object(Bucket=BUCKET, Key="in3/d-2.jsonl")
+    result = run(str(spec), f"s3://{root_bucket}", overwrite=True)
+    assert len(result.manifest["outputs"]["o"]) == 2
+    assert len(keys_in(opts, root_bucket, "o/")) == 2  # the old third shard is gone
+
+
+def keys_in(opts: StorageOptions, bucket: str, prefix: str) -> list[str]:
+    return [f.uri for f in storage.list_prefix(f"s3://{bucket}/{prefix}", opts)]
+
+
+def test_literal_brackets_in_a_key(opts: StorageOptions) -> None:
+    uri = f"s3://{BUCKET}/lit/[2024]/x.jsonl"
+    storage.write_bytes(uri, b'{"text": "a"}\n', opts)
+    assert [s.uri for s in list_shards(uri, Path("."), opts)] == [uri]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import shutil
+import subprocess
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -298,3 +300,113 @@ def test_png_size_from_ihdr_matches_pillow_and_checks_the_crc() -> None:
     damaged = bytearray(png(123, 45))
     damaged[18] ^= 0xFF  # the width, without fixing the CRC
     assert _png_size(bytes(damaged)) is None  # falls back to Pillow, which then decides
+
+
+def _raw_header(name: bytes, size_field: bytes, kind: bytes = b"0") -> bytes:
+    """A ustar header with a valid checksum and an arbitrary size field."""
+    header = bytearray(512)
+    header[: len(name)] = name
+    header[100:108] = b"0000644\x00"
+    header[124:136] = size_field.ljust(11, b" ") + b"\x00"
+    header[136:148] = b"00000000000\x00"
+    header[156:157] = kind
+    header[257:263] = b"ustar\x00"
+    header[263:265] = b"00"
+    header[148:156] = b" " * 8
+    header[148:156] = f"{sum(header):06o}\x00 ".encode()
+    return bytes(header)
+
+
+def test_a_negative_size_field_is_damage_not_an_endless_loop(tmp_path: Path) -> None:
+    good = tar_bytes(sample("k1")).rstrip(b"\x00")
+    good += b"\x00" * (-len(good) % 512)
+    path = tmp_path / "s.tar"
+    path.write_bytes(good + _raw_header(b"k2.png", b"-0002000") + bytes(2048))
+    table, rejects = read(path)
+    assert table.column("key").to_pylist() == ["k1"]
+    assert "corrupt_tar" in reasons(rejects)
+
+
+def _raw_member(name: bytes, payload: bytes) -> bytes:
+    return _raw_header(name, f"{len(payload):o}".encode()) + payload + bytes(-len(payload) % 512)
+
+
+def test_member_names_that_are_not_utf8_are_quarantined(tmp_path: Path) -> None:
+    path = tmp_path / "s.tar"
+    bad = _raw_member(b"b\xe9ad.png", png()) + _raw_member(b"b\xe9ad.txt", b"latin-1 name")
+    path.write_bytes(bad + tar_bytes(sample("k2")))
+    table, rejects = read(path)
+    assert table.column("key").to_pylist() == ["k2"]
+    assert reasons(rejects) == ["bad_member_name"]
+
+
+def test_json_members_with_lone_surrogates_or_duplicate_keys_are_quarantined(
+    tmp_path: Path,
+) -> None:
+    members: list[Member] = [
+        ("k1.json", b'{"title": "\\ud800"}'),
+        ("k1.png", png()),
+        ("k1.txt", b"a"),
+        ("k2.json", b'{"title": "a", "title": "b"}'),
+        ("k2.png", png()),
+        ("k2.txt", b"b"),
+        *sample("k3", meta={"title": "fine"}),
+    ]
+    table, rejects = read(write_tar(tmp_path / "t.tar", members), columns={"title": "string"})
+    assert table.column("key").to_pylist() == ["k3"]
+    assert sorted(reasons(rejects)) == ["bad_unicode", "invalid_json"]
+
+
+@pytest.mark.skipif(not shutil.which("tar"), reason="GNU tar makes the sparse member")
+def test_sparse_members_are_refused_not_misread(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    with open(src / "k1.txt", "wb") as handle:
+        handle.write(b"A")
+        handle.seek(1 << 16)
+        handle.write(b"B")
+    (src / "k1.png").write_bytes(png())
+    for name, data in sample("k2"):
+        (src / str(name)).write_bytes(bytes(data))
+    path = tmp_path / "s.tar"
+    subprocess.run(
+        [
+            "tar",
+            "--sparse",
+            "--format=gnu",
+            "-cf",
+            str(path),
+            "-C",
+            str(src),
+            "k1.png",
+            "k1.txt",
+            "k2.png",
+            "k2.txt",
+        ],
+        check=True,
+    )
+    table, rejects = read(path)
+    assert table.column("key").to_pylist() == ["k2"]
+    assert reasons(rejects) == ["unsupported_member"]
+
+
+def test_png_with_only_a_plausible_ihdr_goes_to_pillow(tmp_path: Path) -> None:
+    header_only = png(1, 1)[:33]  # signature + IHDR, nothing after
+    members = [*sample("k1", image=header_only), *sample("k2")]
+    table, rejects = read(write_tar(tmp_path / "s.tar", members))
+    assert table.column("key").to_pylist() == ["k2"]
+    assert reasons(rejects) == ["bad_image"]
+
+
+def test_sink_writes_dates_and_refuses_nan_and_unsafe_extensions() -> None:
+    import datetime
+
+    when = datetime.datetime(2026, 11, 23, 12, 0)
+    ok = pa.table({"id": ["a"], "key": ["k"], "when": [when]})
+    ((name, member),) = webdataset_samples(ok, "out")[0][:1]
+    assert name == "k.json" and b'"when":"2026-11-23T12:00:00"' in member
+    with pytest.raises(SinkError, match=r"cannot be written as k\.json"):
+        webdataset_samples(pa.table({"id": ["a"], "key": ["k"], "x": [float("nan")]}), "out")
+    evil = pa.table({"id": ["a"], "key": ["k"], "image": [png()], "image_ext": ["png/../../x"]})
+    with pytest.raises(SinkError, match="image_ext"):
+        webdataset_samples(evil, "out")

@@ -61,6 +61,8 @@ def _message(err: ErrorDetails) -> str:
     kind, msg = err["type"], err["msg"]
     if kind == "missing":
         return "required field is missing"
+    if kind == "redacted":  # the value may be a secret: say what is expected, never echo it
+        return f"expected {msg}"
     if kind == "extra_forbidden":
         return f"unknown key (got {_describe(err['input'])})"
     expected = msg.removeprefix("Input should be ").removeprefix("Value error, ")

@@ -8,8 +8,10 @@ every error in the file — top level and every stage — is reported at once.
 from __future__ import annotations
 
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ByteSize, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
 
 from curate.io.storage import StorageOptions
 from curate.stage import POS, RESERVED_COLUMNS, UNIT, Resources, StageConfig
@@ -97,12 +99,25 @@ class S3Spec(_Strict):
     multipart_threshold: ByteSize = ByteSize(64 * 2**20)
     part_size: ByteSize = Field(ByteSize(16 * 2**20), ge=5 * 2**20)
 
-    @field_validator("endpoint_url")
+    @field_validator("endpoint_url", mode="before")
     @classmethod
-    def _no_credentials(cls, value: str | None) -> str | None:
-        if value is not None and "@" in value.partition("://")[2].partition("/")[0]:
-            raise ValueError(
-                "an endpoint URL without user:password@ (use the AWS credential chain)"
+    def _no_credentials(cls, value: Any) -> Any:
+        """An http(s) URL with no user info, query or fragment; the value is never echoed
+        back (it might hold a credential)."""
+        if value is None:
+            return None
+        parts = urlsplit(str(value))
+        if (
+            parts.scheme not in ("http", "https")
+            or not parts.hostname
+            or "@" in parts.netloc
+            or parts.query
+            or parts.fragment
+        ):
+            raise PydanticCustomError(
+                "redacted",
+                "an http:// or https:// URL without user:password@, query or fragment "
+                "(credentials come from the AWS credential chain); the value is not shown",
             )
         return value
 

@@ -146,7 +146,7 @@ def _first_duplicate(pairs: list[tuple[str, Any]], keys: set[str]) -> str | None
     return None
 
 
-def _encodable(obj: dict[str, Any]) -> bool:
+def _encodable(obj: Any) -> bool:
     try:
         json.dumps(obj, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError:
@@ -388,18 +388,16 @@ def read_unit(
     tables: list[pa.Table] = []
     rejects: list[pa.Table] = []
     inputs: list[InputInfo] = []
-    hasher = ThreadPoolExecutor(max_workers=1)  # hashlib frees the GIL: hash while parsing
-    for shard in unit.shards:
-        data = read_bytes(shard, opts)
-        pending = hasher.submit(_sha256, data)
-        table, bad = _read_shard(unit, spec, shard, data, expected)
-        digest = pending.result()
-        tables.append(table)
-        rejects.append(bad)
-        inputs.append(
-            InputInfo(unit.source, shard.uri, len(data), digest, table.num_rows + bad.num_rows)
-        )
-    hasher.shutdown()
+    with ThreadPoolExecutor(max_workers=1) as hasher:  # hashlib frees the GIL
+        for shard in unit.shards:
+            data = read_bytes(shard, opts)
+            pending = hasher.submit(_sha256, data)  # hash while parsing
+            table, bad = _read_shard(unit, spec, shard, data, expected)
+            digest = pending.result()
+            tables.append(table)
+            rejects.append(bad)
+            records = table.num_rows + bad.num_rows
+            inputs.append(InputInfo(unit.source, shard.uri, len(data), digest, records))
     merged = pa.concat_tables(tables)
     merged = merged.append_column(UNIT, pa.array(np.full(merged.num_rows, unit.index, np.int64)))
     merged = merged.append_column(POS, pa.array(np.arange(merged.num_rows, dtype=np.int64)))
@@ -512,6 +510,21 @@ def _fast_jsonl(name: str, spec: SourceSpec, shard: Shard, data: bytes) -> pa.Ta
     return pa.table(out).append_column("provenance", _provenance(shard.uri, rows))
 
 
+def _printable(text: str) -> str:
+    """``text`` with undecodable bytes of a tar member name (surrogate escapes) shown as
+    ``\\xNN``: valid UTF-8 for the rejects table."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        keys = [k for k, _ in pairs]
+        dup = next(k for i, k in enumerate(keys) if k in keys[:i])
+        raise ValueError(f"duplicate key {dup!r}")
+    return obj
+
+
 class WebDatasetParser:
     """Reads a WebDataset tar into rows (see :mod:`curate.io.webdataset`).
 
@@ -552,10 +565,10 @@ class WebDatasetParser:
     def _reject(self, uri: str, member: int, key: str, reason: str, detail: str) -> dict[str, Any]:
         where = f"{uri} member {member}" + (f" (key {key!r})" if key else "")
         return {
-            "id": record_id(self.name, uri, member, key),
+            "id": record_id(self.name, uri, member, _printable(key)),
             "stage": self.name,
-            "reason": f"{reason}:{where}: {detail}",
-            "value": key or None,
+            "reason": _printable(f"{reason}:{where}: {detail}"),
+            "value": _printable(key) or None,
             "provenance": {"uri": uri, "row": member},
         }
 
@@ -567,16 +580,11 @@ class WebDatasetParser:
                 "missing_image",
                 f"no member with extension {'/'.join(self.spec.image_extensions)}",
             )
-        meta: dict[str, Any] = {}
-        if "json" in members:
-            try:
-                meta = json.loads(members["json"].decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                return "invalid_json", f"{sample.key}.json: {exc}"
-            if not isinstance(meta, dict):
-                return "not_an_object", f"{sample.key}.json holds a {type(meta).__name__}"
-        elif self.fields or self.caption_field or self.spec.id_column:
-            return "missing_json", f"no {sample.key}.json member"
+        if not _encodable(sample.key):
+            return "bad_member_name", f"key {sample.key!r} is not valid UTF-8"
+        meta = self._meta(members, sample.key)
+        if isinstance(meta, tuple):
+            return meta
         caption = self._caption(members, meta, sample.key)
         if isinstance(caption, tuple):
             return caption
@@ -606,6 +614,24 @@ class WebDatasetParser:
             except TypeError as exc:
                 return "bad_column", f"{column!r}: {exc}"
         return record
+
+    def _meta(self, members: dict[str, bytes], key: str) -> dict[str, Any] | tuple[str, str]:
+        """The ``.json`` member as an object (strict: UTF-8, no duplicate keys, no lone
+        surrogates), ``{}`` when there is none and none is needed, else (reason, detail)."""
+        raw = members.get("json")
+        if raw is None:
+            if self.fields or self.caption_field or self.spec.id_column:
+                return "missing_json", f"no {key}.json member"
+            return {}
+        try:
+            meta = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
+        except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError is a ValueError
+            return "invalid_json", f"{key}.json: {exc}"
+        if not isinstance(meta, dict):
+            return "not_an_object", f"{key}.json holds a {type(meta).__name__}"
+        if b"\\u" in raw and not _encodable(meta):
+            return "bad_unicode", f"{key}.json: a \\u escape encodes a lone surrogate"
+        return meta
 
     def _caption(
         self, members: dict[str, bytes], meta: dict[str, Any], key: str

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import re
 from typing import Any
 
 import numpy as np
@@ -87,6 +88,7 @@ class SinkError(ValueError):
     """Rows that a sink cannot write as asked; the message says which and why."""
 
 
+_SAFE_EXT = re.compile(r"^[a-z0-9]{1,16}\Z")
 _MAGIC = ((b"\x89PNG", "png"), (b"\xff\xd8", "jpg"), (b"GIF8", "gif"), (b"BM", "bmp"))
 
 
@@ -128,9 +130,19 @@ def webdataset_samples(table: pa.Table, sink: str) -> list[list[tuple[str, bytes
                 f"member ({why}); drop or rename it upstream"
             )
         seen.add(key)
-        members = [(f"{key}.json", json_member(_jsonable(meta[i])))]
+        try:
+            members = [(f"{key}.json", json_member(_jsonable(meta[i])))]
+        except (TypeError, ValueError) as exc:
+            raise SinkError(
+                f"sink {sink!r}: record {ids[i]} cannot be written as {key}.json: {exc}"
+            ) from None
         if images is not None and images[i] is not None:
             ext = (exts[i] if exts is not None else None) or _image_ext(images[i])
+            if not _SAFE_EXT.match(ext) or ext in ("json", "txt"):
+                raise SinkError(
+                    f"sink {sink!r}: record {ids[i]} has image_ext {ext!r}; expected a "
+                    "lower-case extension such as png or jpg"
+                )
             members.append((f"{key}.{ext}", images[i]))
         if texts is not None and texts[i] is not None:
             members.append((f"{key}.txt", texts[i].encode("utf-8")))

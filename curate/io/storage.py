@@ -85,18 +85,6 @@ def check_uri(uri: str) -> None:
         raise StorageError(f"{uri}: not a valid S3 bucket name")
 
 
-def redact_url(url: str | None) -> str | None:
-    """An endpoint URL without any ``user:password@`` part."""
-    if url is None:
-        return None
-    parts = urlsplit(url)
-    if parts.username is None and parts.password is None:
-        return url
-    host = parts.hostname or ""
-    netloc = f"{host}:{parts.port}" if parts.port else host
-    return parts._replace(netloc=netloc).geturl()
-
-
 def split_s3(uri: str) -> tuple[str, str]:
     check_uri(uri)
     rest = uri[len("s3://") :]
@@ -128,7 +116,12 @@ def _client(endpoint_url: str | None, region: str | None) -> Any:
 
 def client(opts: StorageOptions) -> Any:
     """The (per process, cached) boto3 S3 client for ``opts``."""
-    return _client(opts.endpoint_url, opts.region)
+    try:
+        return _client(opts.endpoint_url, opts.region)
+    except ValueError:  # botocore echoes the endpoint: say which setting, not its value
+        raise StorageError(
+            "cannot create an S3 client: storage.s3.endpoint_url is invalid"
+        ) from None
 
 
 def _s3_error(uri: str, action: str, exc: Exception) -> StorageError:
@@ -208,14 +201,19 @@ def open_input(uri: str, opts: StorageOptions = LOCAL) -> io.BufferedIOBase:
 
 def stat(uri: str, opts: StorageOptions = LOCAL) -> FileInfo:
     if not is_s3(uri):
-        st = os.stat(uri)
-        return FileInfo(uri, st.st_size, f"mtime:{st.st_mtime_ns}")
+        return _local_info(uri, os.stat(uri))
     bucket, key = split_s3(uri)
     try:
         head = client(opts).head_object(Bucket=bucket, Key=key)
     except _botocore_errors() as exc:
         raise _s3_error(uri, "stat", exc) from None
     return FileInfo(uri, int(head["ContentLength"]), f"etag:{head['ETag'].strip(chr(34))}")
+
+
+def _local_info(path: str, st: os.stat_result) -> FileInfo:
+    """ctime and inode with mtime: a rewrite that restores the mtime (``cp -p``,
+    ``rsync -a``) still changes the ctime, so it changes the fingerprint."""
+    return FileInfo(path, st.st_size, f"mtime:{st.st_mtime_ns}:ctime:{st.st_ctime_ns}:{st.st_ino}")
 
 
 def exists(uri: str, opts: StorageOptions = LOCAL) -> bool:
@@ -237,11 +235,10 @@ def list_prefix(root: str, opts: StorageOptions = LOCAL) -> list[FileInfo]:
         found = []
         for path in base.rglob("*"):
             if path.is_file():
-                st = path.stat()
-                found.append(FileInfo(str(path), st.st_size, f"mtime:{st.st_mtime_ns}"))
+                found.append(_local_info(str(path), path.stat()))
         return sorted(found, key=lambda f: f.uri)
     bucket, key = split_s3(root)
-    prefix = key.rstrip("/") + "/" if key else ""
+    prefix = key.rstrip("/") + "/" if key.rstrip("/") else ""
     return sorted(_list_s3(bucket, prefix, opts), key=lambda f: f.uri)
 
 
@@ -322,11 +319,14 @@ def glob_files(pattern: str, opts: StorageOptions = LOCAL) -> list[FileInfo] | N
         return [stat(p) for p in sorted(glob.glob(pattern, recursive=True)) if os.path.isfile(p)]
     bucket, key = split_s3(pattern)
     wild = GLOB_CHARS.search(key)
-    if wild is None:
+    if wild is None or exists(pattern, opts):  # a key may hold '[' literally
         return None
     prefix = key[: wild.start()]
     prefix = prefix[: prefix.rfind("/") + 1]
-    regex = _glob_regex(key)
+    try:
+        regex = _glob_regex(key)
+    except re.error as exc:
+        raise StorageError(f"{pattern}: not a valid glob pattern ({exc})") from None
     return [f for f in _list_s3(bucket, prefix, opts) if regex.match(split_s3(f.uri)[1])]
 
 
@@ -426,7 +426,7 @@ def remove_tree(root: str, opts: StorageOptions = LOCAL, keep: tuple[str, ...] =
                 entry.unlink()
         return
     bucket, key = split_s3(root)
-    prefix = key.rstrip("/") + "/"
+    prefix = key.rstrip("/") + "/" if key.rstrip("/") else ""
     kept = tuple(prefix + k + "/" for k in keep)
     doomed = [split_s3(f.uri)[1] for f in _list_s3(bucket, prefix, opts)]
     doomed = [k for k in doomed if not (kept and k.startswith(kept))]
@@ -453,9 +453,8 @@ def abort_stale(root: str, opts: StorageOptions = LOCAL) -> int:
     s3 = client(opts)
     cleared = 0
     try:
-        pages = s3.get_paginator("list_multipart_uploads").paginate(
-            Bucket=bucket, Prefix=key.rstrip("/") + "/"
-        )
+        prefix = key.rstrip("/") + "/" if key.rstrip("/") else ""
+        pages = s3.get_paginator("list_multipart_uploads").paginate(Bucket=bucket, Prefix=prefix)
         for page in pages:
             for upload in page.get("Uploads", []):
                 s3.abort_multipart_upload(

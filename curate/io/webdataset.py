@@ -24,12 +24,16 @@ its header: a decompression bomb is never decoded).
 
 from __future__ import annotations
 
+import contextlib
+import datetime
+import decimal
 import io
 import json
 import re
 import tarfile
 import warnings
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,7 +97,7 @@ class Member:
     name: str
     offset_data: int
     size: int
-    kind: str  # "file", "dir", "link" or "special"
+    kind: str  # "file", "dir", "link", "special" or "sparse"
 
     def isfile(self) -> bool:
         return self.kind == "file"
@@ -120,11 +124,11 @@ def _fast_members(data: bytes) -> tuple[list[Member], int] | None:
         header = data[pos : pos + 512]
         if header == _ZERO_BLOCK:
             return members, pos
-        try:
-            stored = int(header[148:156].replace(b"\x00", b" ").strip() or b"0", 8)
-            size = int(header[124:136].replace(b"\x00", b" ").strip() or b"0", 8)
-        except ValueError:
-            return None
+        stored_field = header[148:156].replace(b"\x00", b" ").strip()
+        size_field = header[124:136].replace(b"\x00", b" ").strip()
+        if not stored_field.isdigit() or not (size_field or b"0").isdigit():
+            return None  # signs, base-256 sizes, garbage: tarfile decides
+        stored, size = int(stored_field, 8), int(size_field or b"0", 8)
         if stored != sum(header) - sum(header[148:156]) + 256:
             return None
         kind = _PLAIN_TYPES.get(header[156:157])
@@ -140,8 +144,10 @@ def _fast_members(data: bytes) -> tuple[list[Member], int] | None:
             text = name.decode("utf-8")
         except UnicodeDecodeError:
             return None
-        if kind == "dir":
-            size = 0
+        if kind == "file" and text.endswith("/"):
+            kind = "dir"  # an old V7 directory entry
+        if kind != "file":
+            size = 0 if kind == "dir" else size
         members.append(Member(text, pos + 512, size, kind))
         pos += 512 + (size + 511) // 512 * 512
     return members, pos
@@ -150,7 +156,7 @@ def _fast_members(data: bytes) -> tuple[list[Member], int] | None:
 def _tarfile_members(data: bytes) -> tuple[list[Member], int, tuple[int, str, str] | None]:
     """Members through ``tarfile`` (every tar dialect); damage stops the listing."""
     try:
-        tar = tarfile.open(fileobj=io.BytesIO(data), mode="r:")  # noqa: SIM115 - in memory
+        tar = tarfile.open(fileobj=io.BytesIO(data), mode="r:")  # noqa: SIM115
     except (tarfile.TarError, EOFError, OSError) as exc:
         return [], 0, (0, "corrupt_tar", f"not a readable tar: {exc}")
     members: list[Member] = []
@@ -162,7 +168,9 @@ def _tarfile_members(data: bytes) -> tuple[list[Member], int, tuple[int, str, st
             return members, tar.offset, (len(members), "corrupt_tar", where)
         if info is None:
             return members, tar.offset, None
-        if info.isfile():
+        if info.issparse():
+            kind = "sparse"
+        elif info.isfile():
             kind = "file"
         elif info.isdir():
             kind = "dir"
@@ -219,6 +227,9 @@ def _add_member(sample: Sample, member: Member, ext: str, data: bytes) -> None:
     if why:
         sample.flag("unsafe_member_name", f"{member.name!r}: {why}")
         return
+    if member.kind == "sparse":
+        sample.flag("unsupported_member", f"{member.name!r} is a sparse file")
+        return
     if not member.isfile():
         kind = "link" if member.kind == "link" else "special file"
         sample.flag("unsafe_member", f"{member.name!r} is a {kind}")
@@ -242,15 +253,41 @@ def _add_member(sample: Sample, member: Member, ext: str, data: bytes) -> None:
     sample.members[ext] = data[member.offset_data : end]
 
 
+#: Formats Pillow may open: raster formats only (no EPS, which would run Ghostscript).
+FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
+
+
+@contextlib.contextmanager
+def pixel_limit(max_pixels: int) -> Iterator[None]:
+    """Pillow's decompression-bomb limit set to ``max_pixels`` (its warning an error)."""
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
 _PNG = b"\x89PNG\r\n\x1a\n\x00\x00\x00\x0dIHDR"
 
 
+#: Bit depths allowed for each PNG colour type (PNG spec, table 11.1).
+_PNG_DEPTHS = {0: {1, 2, 4, 8, 16}, 2: {8, 16}, 3: {1, 2, 4, 8}, 4: {8, 16}, 6: {8, 16}}
+
+
 def _png_size(payload: bytes) -> tuple[int, int] | None:
-    """Width and height of a PNG from its IHDR chunk, checked against the chunk's CRC."""
-    if len(payload) < 33 or not payload.startswith(_PNG):
+    """Width and height of a PNG from its IHDR chunk, checked against the chunk's CRC and
+    the spec's field values, and followed by another chunk; None sends it to Pillow."""
+    if len(payload) < 41 or not payload.startswith(_PNG):
         return None
-    crc = int.from_bytes(payload[29:33], "big")
-    if zlib.crc32(payload[12:29]) != crc:
+    if zlib.crc32(payload[12:29]) != int.from_bytes(payload[29:33], "big"):
+        return None
+    depth, colour, compression, filtering, interlace = payload[24:29]
+    if depth not in _PNG_DEPTHS.get(colour, ()) or compression or filtering or interlace > 1:
+        return None
+    if not payload[37:41].isalpha():  # the next chunk's type: four letters
         return None
     return int.from_bytes(payload[16:20], "big"), int.from_bytes(payload[20:24], "big")
 
@@ -271,10 +308,8 @@ def image_size(payload: bytes, max_pixels: int) -> tuple[int, int] | tuple[str, 
             return "image_too_large", f"{width}x{height} pixels > max_image_pixels {max_pixels}"
         return width, height
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(payload)) as img:
-                width, height = img.size
+        with pixel_limit(max_pixels), Image.open(io.BytesIO(payload), formats=FORMATS) as img:
+            width, height = img.size
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         return "image_too_large", str(exc)
     except Exception as exc:  # PIL raises many types for garbage
@@ -336,5 +371,24 @@ def write_tar(samples: list[list[tuple[str, bytes]]]) -> TarOutput:
     )
 
 
+def _json_default(value: Any) -> Any:
+    if isinstance(value, datetime.datetime | datetime.date | datetime.time):
+        return value.isoformat()
+    if isinstance(value, datetime.timedelta):
+        return value.total_seconds()
+    if isinstance(value, decimal.Decimal):
+        return str(value)
+    raise TypeError(f"a {type(value).__name__} value has no JSON form")
+
+
 def json_member(row: dict[str, Any]) -> bytes:
-    return json.dumps(row, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode()
+    """Compact, key-sorted JSON; dates and times as ISO text, decimals as text.
+    Raises ValueError for NaN or infinity (not JSON) and TypeError for other types."""
+    return json.dumps(
+        row,
+        sort_keys=True,
+        ensure_ascii=False,
+        separators=(",", ":"),
+        allow_nan=False,
+        default=_json_default,
+    ).encode()

@@ -7,10 +7,11 @@ of the run's work folder.  The key is a sha256 over
 * the *stage chain*: the normalized spec of the stage and of every stage and
   source upstream of it (type, parameters, inputs; not resources), the seed
   and the unit size;
-* the *code version*: curate's version and the source files of every stage
-  class in the chain and of the readers;
-* the *input fingerprint*: every input shard's URI, size and version (mtime
-  on disk, ETag on S3).
+* the *code version*: curate's version, a hash of all of curate's source
+  files, the source file of every stage class in the chain, and the versions
+  of pyarrow, numpy, Pillow and xxhash;
+* the *input fingerprint*: every input shard's URI, size and version (mtime,
+  ctime and inode on disk, ETag on S3), and the units the shards form.
 
 A run whose cached stage finds a complete entry with its key skips every
 segment needed only to produce it (so changing a threshold downstream of a
@@ -35,8 +36,8 @@ from curate.io.layout import Layout
 from curate.lineage.commits import files_of
 from curate.registry import get_stage_class
 
-#: Reader code that shapes every cached row.
-_READER_FILES = ("io/readers.py", "io/webdataset.py", "io/files.py")
+#: Libraries whose version can change what a stage writes.
+_LIBRARIES = ("pyarrow", "numpy", "pillow", "xxhash")
 
 
 def ancestors(pipeline: Pipeline, node: str) -> set[str]:
@@ -59,23 +60,36 @@ def _file_hash(path: str | None) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def code_version(plan: Plan, names: set[str]) -> dict[str, str]:
-    root = Path(__file__).resolve().parent.parent
+def _version(package: str) -> str:
     try:
-        curate_version = version("curate")
+        return version(package)
     except PackageNotFoundError:
-        curate_version = "unknown"
-    out = {"curate": curate_version}
-    for rel in _READER_FILES:
-        out[rel] = _file_hash(str(root / rel))
+        return "unknown"
+
+
+def _package_hash() -> str:
+    """One hash over every source file of the curate package (built-in stages included):
+    readers, accounting and the runner all shape what a cached stage wrote."""
+    root = Path(__file__).resolve().parent.parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\x00")
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def code_version(plan: Plan, names: set[str]) -> dict[str, str]:
+    out = {"curate": _version("curate"), "curate_sources": _package_hash()}
+    out.update({f"lib:{lib}": _version(lib) for lib in _LIBRARIES})
     for name in sorted(names & set(plan.pipeline.stages)):
         cls = get_stage_class(plan.pipeline.stages[name].type)
         out[f"stage:{name}"] = _file_hash(inspect.getsourcefile(cls))
     return out
 
 
-def chain_key(plan: Plan, node: str) -> str:
-    """The cache key of ``node``'s output (see the module docstring)."""
+def chain_key(plan: Plan, node: str, units: dict[str, list[list[Any]]]) -> str:
+    """The cache key of ``node``'s output (see the module docstring); ``units`` gives
+    each source's units (index and shard URIs): cached files are named by unit index."""
     pipeline = plan.pipeline
     names = ancestors(pipeline, node)
     normalized = pipeline.normalized()
@@ -85,6 +99,7 @@ def chain_key(plan: Plan, node: str) -> str:
             chain[name] = {
                 "source": normalized["sources"][name],
                 "inputs": [[s.uri, s.size, s.version] for s in plan.shards[name]],
+                "units": units[name],
             }
         else:
             spec = dict(normalized["stages"][name])

@@ -93,7 +93,13 @@ def write_identity(layout: Layout, identity: dict[str, Any]) -> None:
 
 
 def global_done(layout: Layout, stage: str) -> bool:
-    return layout.exists(layout.global_commit(stage))
+    """Whether ``stage`` committed its decisions and every decisions file it listed is
+    still there (a missing file would read as "drop nothing")."""
+    path = layout.global_commit(stage)
+    if not layout.exists(path):
+        return False
+    units = json.loads(layout.read(path))["units"]
+    return all(layout.exists(layout.decisions(stage, int(u))) for u in units)
 
 
 def commit_global(layout: Layout, stage: str, units: list[int]) -> None:
