@@ -96,7 +96,7 @@ class S3Spec(_Strict):
 
     endpoint_url: str | None = Field(None, description="e.g. http://127.0.0.1:9000 for MinIO")
     region: str | None = None
-    multipart_threshold: ByteSize = ByteSize(64 * 2**20)
+    multipart_threshold: ByteSize = Field(ByteSize(64 * 2**20), ge=5 * 2**20)
     part_size: ByteSize = Field(ByteSize(16 * 2**20), ge=5 * 2**20)
 
     @field_validator("endpoint_url", mode="before")

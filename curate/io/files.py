@@ -128,8 +128,8 @@ def _expand_s3(written: str, opts: StorageOptions) -> list[storage.FileInfo]:
     found: list[storage.FileInfo] = []
     for pattern in storage.expand_braces(written):
         matches = storage.glob_files(pattern, opts)
-        if matches is not None:
-            found.extend(m for m in matches if infer_format(m.uri))
+        if matches is not None:  # as on disk: every match is a shard (unknown formats fail)
+            found.extend(matches)
             continue
         if storage.exists(pattern, opts):
             found.append(storage.stat(pattern, opts))
