@@ -75,7 +75,6 @@ class Sample:
     key: str
     first: int  # member index of the sample's first member
     members: dict[str, bytes] = field(default_factory=dict)
-    names: list[str] = field(default_factory=list)
     problem: tuple[str, str] | None = None  # (reason, detail)
 
     def flag(self, reason: str, detail: str) -> None:
@@ -202,7 +201,6 @@ def scan_tar(data: bytes) -> TarScan:
             seen.add(key)
             samples.append(sample)
         sample = samples[-1]
-        sample.names.append(member.name)
         _add_member(sample, member, ext, data)
     if damage is None and (fast is not None or members or data):
         tail = data[offset:]
