@@ -1,7 +1,8 @@
 """``image_filter``: drop images that do not decode or whose size or shape is off.
 
-Reads ``image`` (bytes).  Dimensions come from the image header (Pillow parses
-it without decoding pixels), so a decompression bomb is rejected before any
+Reads ``image`` (bytes).  Dimensions come from the image header, parsed
+without decoding pixels (``curate.io.webdataset.image_size``, the same check
+the WebDataset source makes), so a decompression bomb is rejected before any
 pixel is decoded.  With ``decode: full`` every image that passes the size
 rules is also decoded completely, which catches truncated or corrupt pixel
 data that a header check cannot see.
@@ -19,16 +20,14 @@ rejects ``value`` is ``WIDTHxHEIGHT`` when known):
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 from typing import ClassVar, Literal
 
 import numpy as np
 import pyarrow as pa
-from PIL import Image
 from pydantic import Field
 
-from curate.io.webdataset import FORMATS, pixel_limit
+from curate.io.webdataset import image_size
 from curate.stage import Filter, Requirement, StageConfig, Verdict
 
 
@@ -45,18 +44,7 @@ def _measure(payload: bytes | None, cfg: ImageFilterConfig) -> tuple[int, int] |
     """(width, height), or (reason, detail)."""
     if not payload:
         return "bad_image", "no image bytes"
-    try:
-        with pixel_limit(cfg.max_pixels), Image.open(io.BytesIO(payload), formats=FORMATS) as img:
-            width, height = img.size
-            if width * height > cfg.max_pixels:
-                return "image_too_large", f"{width}x{height} > max_pixels {cfg.max_pixels}"
-            if cfg.decode == "full":
-                img.load()
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        return "image_too_large", str(exc)
-    except Exception as exc:  # Pillow raises many types for damaged data
-        return "bad_image", f"{type(exc).__name__}: {exc}"
-    return width, height
+    return image_size(payload, cfg.max_pixels, decode=cfg.decode == "full")
 
 
 class ImageFilter(Filter):

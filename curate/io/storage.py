@@ -238,8 +238,14 @@ def list_prefix(root: str, opts: StorageOptions = LOCAL) -> list[FileInfo]:
                 found.append(_local_info(str(path), path.stat()))
         return sorted(found, key=lambda f: f.uri)
     bucket, key = split_s3(root)
-    prefix = key.rstrip("/") + "/" if key.rstrip("/") else ""
-    return sorted(_list_s3(bucket, prefix, opts), key=lambda f: f.uri)
+    return sorted(_list_s3(bucket, _folder(key), opts), key=lambda f: f.uri)
+
+
+def _folder(key: str) -> str:
+    """The listing prefix of the folder ``key`` names: ``a/b`` -> ``a/b/``; the bucket
+    root (an empty key) -> ``""``, never ``"/"``."""
+    key = key.rstrip("/")
+    return key + "/" if key else ""
 
 
 def _list_s3(bucket: str, prefix: str, opts: StorageOptions) -> Iterator[FileInfo]:
@@ -426,7 +432,7 @@ def remove_tree(root: str, opts: StorageOptions = LOCAL, keep: tuple[str, ...] =
                 entry.unlink()
         return
     bucket, key = split_s3(root)
-    prefix = key.rstrip("/") + "/" if key.rstrip("/") else ""
+    prefix = _folder(key)
     kept = tuple(prefix + k + "/" for k in keep)
     doomed = [split_s3(f.uri)[1] for f in _list_s3(bucket, prefix, opts)]
     doomed = [k for k in doomed if not (kept and k.startswith(kept))]
@@ -453,8 +459,9 @@ def abort_stale(root: str, opts: StorageOptions = LOCAL) -> int:
     s3 = client(opts)
     cleared = 0
     try:
-        prefix = key.rstrip("/") + "/" if key.rstrip("/") else ""
-        pages = s3.get_paginator("list_multipart_uploads").paginate(Bucket=bucket, Prefix=prefix)
+        pages = s3.get_paginator("list_multipart_uploads").paginate(
+            Bucket=bucket, Prefix=_folder(key)
+        )
         for page in pages:
             for upload in page.get("Uploads", []):
                 s3.abort_multipart_upload(

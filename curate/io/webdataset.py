@@ -290,32 +290,33 @@ def _png_size(payload: bytes) -> tuple[int, int] | None:
     return int.from_bytes(payload[16:20], "big"), int.from_bytes(payload[20:24], "big")
 
 
-def image_size(payload: bytes, max_pixels: int) -> tuple[int, int] | tuple[str, str]:
-    """(width, height) from the header, or (reason, detail); pixels are never decoded.
+def image_size(
+    payload: bytes, max_pixels: int, decode: bool = False
+) -> tuple[int, int] | tuple[str, str]:
+    """(width, height) from the header, or (reason, detail).
 
     PNGs are read from their checksummed IHDR chunk directly (60x faster than
     opening them with Pillow); other formats, and a PNG whose IHDR fails its
-    checksum, go through Pillow's header parser.
+    checks, go through Pillow's header parser.  Pixels are decoded only with
+    ``decode`` (then through Pillow, after the size passed ``max_pixels``), so a
+    decompression bomb is rejected from its header.
     """
-    size = _png_size(payload)
-    if size is not None:
-        width, height = size
-        if width <= 0 or height <= 0 or width >= 2**31 or height >= 2**31:
-            return "bad_image", f"PNG header says {width}x{height}"
-        if width * height > max_pixels:
-            return "image_too_large", f"{width}x{height} pixels > max_image_pixels {max_pixels}"
-        return width, height
-    try:
-        with pixel_limit(max_pixels), Image.open(io.BytesIO(payload), formats=FORMATS) as img:
-            width, height = img.size
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        return "image_too_large", str(exc)
-    except Exception as exc:  # PIL raises many types for garbage
-        return "bad_image", f"{type(exc).__name__}: {exc}"
-    if width <= 0 or height <= 0:
+    size = None if decode else _png_size(payload)
+    if size is None:
+        try:
+            with pixel_limit(max_pixels), Image.open(io.BytesIO(payload), formats=FORMATS) as img:
+                size = img.size
+                if decode and size[0] * size[1] <= max_pixels:
+                    img.load()
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            return "image_too_large", str(exc)
+        except Exception as exc:  # PIL raises many types for garbage
+            return "bad_image", f"{type(exc).__name__}: {exc}"
+    width, height = size
+    if width <= 0 or height <= 0 or width >= 2**31 or height >= 2**31:
         return "bad_image", f"header says {width}x{height}"
     if width * height > max_pixels:
-        return "image_too_large", f"{width}x{height} pixels > max_image_pixels {max_pixels}"
+        return "image_too_large", f"{width}x{height} pixels > the limit of {max_pixels}"
     return width, height
 
 
