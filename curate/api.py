@@ -174,6 +174,8 @@ def run_plan(
             "ray": ray_version(),
         },
     }
-    manifest = build_manifest(plan, runner.layout, runner.reports, run_info)
+    manifest = build_manifest(
+        plan, runner.layout, runner.reports, run_info, runner.global_summaries
+    )
     write_manifest(manifest, runner.layout)
     return RunResult(out, manifest)

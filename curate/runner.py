@@ -56,7 +56,13 @@ from curate.lineage.cache import (
     report_key,
     save_entry,
 )
-from curate.lineage.commits import commit_global, committed_units, global_done, write_commit
+from curate.lineage.commits import (
+    commit_global,
+    committed_units,
+    global_done,
+    global_summary,
+    write_commit,
+)
 from curate.registry import get_stage_class, load_plugins, plugin_locations
 from curate.stage import (
     DECISION_SCHEMA,
@@ -64,10 +70,12 @@ from curate.stage import (
     RESERVED_COLUMNS,
     UNIT,
     Annotator,
+    Fill,
     Filter,
     GlobalStage,
     Stage,
     StageContext,
+    decision_schema,
 )
 
 
@@ -100,6 +108,8 @@ class UnitRead:
     expected: dict[str, pa.DataType] | None = None
     node: str | None = None
     apply: str | None = None
+    #: For ``apply``: the columns the global stage adds, their types and fills.
+    annotate: tuple[tuple[str, pa.DataType, Fill], ...] = ()
     columns: tuple[str, ...] | None = None
     #: For a union of inputs: the schema every unit is conformed to.
     conform: dict[str, pa.DataType] | None = None
@@ -144,7 +154,7 @@ def _load_rows(task: UnitRead, layout: Layout, start: float) -> pa.Table:
         table = conform(table, task.conform)
     if task.apply is None:
         return table
-    return _apply_decisions(table, task.apply, task.unit.index, layout, start)
+    return _apply_decisions(table, task, layout, start)
 
 
 def conform(table: pa.Table, schema: dict[str, pa.DataType]) -> pa.Table:
@@ -160,28 +170,58 @@ def conform(table: pa.Table, schema: dict[str, pa.DataType]) -> pa.Table:
     return pa.table(columns)
 
 
-def _apply_decisions(
-    table: pa.Table, stage: str, unit: int, layout: Layout, start: float
-) -> pa.Table:
+def _apply_decisions(table: pa.Table, task: UnitRead, layout: Layout, start: float) -> pa.Table:
+    stage, unit = task.apply, task.unit.index
+    assert stage is not None
     path = layout.decisions(stage, unit)
-    decisions = layout.read_table(path) if layout.exists(path) else DECISION_SCHEMA.empty_table()
-    dropped_pos = decisions.column(POS).to_numpy()
-    keep = ~np.isin(table.column(POS).to_numpy(), dropped_pos)
-    if int((~keep).sum()) != decisions.num_rows:
+    schema = pa.schema([*DECISION_SCHEMA, *(pa.field(c, kind) for c, kind, _ in task.annotate)])
+    decisions = layout.read_table(path) if layout.exists(path) else schema.empty_table()
+    drops = decisions.filter(pc.is_valid(decisions.column("reason")))
+    positions = table.column(POS).to_numpy()
+    keep = ~np.isin(positions, drops.column(POS).to_numpy())
+    named = np.isin(decisions.column(POS).to_numpy(), positions)
+    if int((~keep).sum()) != drops.num_rows or not named.all():
         raise AccountingError(f"{stage}: decisions for unit {unit} name rows that do not exist")
     kept, dropped = split_by_mask(table, keep)
-    order = pc.index_in(dropped.column(POS), decisions.column(POS))
+    order = pc.index_in(dropped.column(POS), drops.column(POS))
     rejects = build_rejects(
         stage,
         dropped,
-        pc.take(decisions.column("reason"), order),
-        pc.take(decisions.column("value"), order),
+        pc.take(drops.column("reason"), order),
+        pc.take(drops.column("value"), order),
     )
     written = write_rejects(layout.rejects(stage, unit), rejects, layout.opts)
     report = stage_report(
         stage, unit, table.num_rows, rejects, time.perf_counter() - start, written
     )
+    if task.annotate:
+        kept = _annotate(kept, decisions, task.annotate)
     return with_reports(kept, [report])
+
+
+def _annotate(
+    kept: pa.Table, decisions: pa.Table, annotate: tuple[tuple[str, pa.DataType, Fill], ...]
+) -> pa.Table:
+    """Add a global stage's columns to the kept rows: from the decision naming the row,
+    else from the stage's fill."""
+    where = pc.index_in(kept.column(POS), decisions.column(POS))
+    found = pc.is_valid(where)
+    for name, kind, fill in annotate:
+        if fill.column is not None:
+            default = pc.cast(kept.column(fill.column), kind)
+        else:
+            default = pa.array([fill.value] * kept.num_rows, kind)
+        value = (
+            pc.take(decisions.column(name), pc.fill_null(where, 0))
+            if decisions.num_rows
+            else default
+        )
+        column = pc.if_else(found, value, default) if decisions.num_rows else default
+        if name in kept.column_names:
+            kept = kept.set_column(kept.column_names.index(name), name, column)
+        else:
+            kept = kept.append_column(pa.field(name, kind), column)
+    return kept
 
 
 class UnitDatasource(Datasource):
@@ -442,6 +482,7 @@ class Runner:
         self.imported: list[dict[str, Any]] = []
         self.reused: list[str] = []
         self.global_seconds: dict[str, float] = {}
+        self.global_summaries: dict[str, dict[str, Any]] = {}
         self._sizes: dict[str, int] | None = None
 
     def _plan_units(self) -> dict[str, list[Unit]]:
@@ -567,10 +608,24 @@ class Runner:
                 else:
                     reads.append(
                         UnitRead(
-                            unit, node=node, apply=segment.apply, columns=columns, conform=union
+                            unit,
+                            node=node,
+                            apply=segment.apply,
+                            annotate=self._annotations(segment.apply),
+                            columns=columns,
+                            conform=union,
                         )
                     )
         return sorted(reads, key=lambda r: r.unit.index)
+
+    def _annotations(self, name: str | None) -> tuple[tuple[str, pa.DataType, Fill], ...]:
+        """The columns global stage ``name`` adds to the rows it keeps, with their fills."""
+        if name is None:
+            return ()
+        stage = self.plan.stages[name]
+        assert isinstance(stage, GlobalStage)
+        fills = stage.fills()
+        return tuple((c, kind, fills.get(c, Fill())) for c, kind in stage.writes().items())
 
     def _targets(self, segment: Segment) -> list[Target]:
         out = []
@@ -638,6 +693,7 @@ class Runner:
 
     def _run_global(self, name: str) -> None:
         if self.resume and global_done(self.layout, name):
+            self.global_summaries[name] = global_summary(self.layout, name)
             return
         start = time.perf_counter()
         stage = self.plan.stages[name]
@@ -659,11 +715,14 @@ class Runner:
         decisions = stage.plan(self._dataset(reads))
         partitions = max(1, min(len(reads), 64))
         written = decisions.groupby(UNIT, num_partitions=partitions).map_groups(
-            functools.partial(_write_decisions, stage=name, layout=self.layout),
+            functools.partial(
+                _write_decisions, stage=name, schema=decision_schema(stage), layout=self.layout
+            ),
             batch_format="pyarrow",
         )
         units = sorted(int(row["unit"]) for row in written.take_all())
-        commit_global(self.layout, name, units)
+        commit_global(self.layout, name, units, stage.summary)
+        self.global_summaries[name] = stage.summary
         self.global_seconds[name] = time.perf_counter() - start
 
 
@@ -672,8 +731,8 @@ def _num_rows(layout: Layout, path: str) -> int:
         return int(pq.ParquetFile(handle).metadata.num_rows)
 
 
-def _write_decisions(group: pa.Table, stage: str, layout: Layout) -> pa.Table:
-    group = group.select(DECISION_SCHEMA.names).cast(DECISION_SCHEMA).sort_by(POS)
+def _write_decisions(group: pa.Table, stage: str, schema: pa.Schema, layout: Layout) -> pa.Table:
+    group = group.select(schema.names).cast(schema).sort_by(POS)
     unit = int(group.column(UNIT)[0].as_py())
     write_parquet_atomic(group, layout.decisions(stage, unit), "zstd", layout.opts)
     return pa.table({"unit": [unit], "rows": [group.num_rows]})

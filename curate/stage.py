@@ -156,20 +156,45 @@ DECISION_SCHEMA = pa.schema(
 )
 
 
+@dataclass(frozen=True)
+class Fill:
+    """The value of a global stage's column for a kept row its decisions do not name:
+    a copy of another column of the row, or a constant."""
+
+    column: str | None = None
+    value: Any = None
+
+
 class GlobalStage(Stage):
     """Needs the whole dataset.
 
     ``plan`` receives a Ray dataset of the input's key columns (``_unit``,
     ``_pos``, ``id`` and :meth:`reads`) and returns a Ray dataset with
-    :data:`DECISION_SCHEMA`: one row per dropped row.  It must use Ray Data
-    map / shuffle / reduce steps and never pull the dataset into the driver.
+    :func:`decision_schema`: one row per dropped row (with its reason), and
+    one per kept row that gets values of the stage's own columns (reason
+    null).  Kept rows it does not name get :meth:`fills`.  It must use Ray
+    Data or Ray tasks over object references and never pull the dataset into
+    the driver.  Counters it puts in :attr:`summary` go to the manifest.
     """
 
     kind: ClassVar[StageKind] = "global"
 
+    def __init__(self, config: StageConfig, context: StageContext) -> None:
+        super().__init__(config, context)
+        self.summary: dict[str, Any] = {}
+
     @abstractmethod
     def plan(self, keys: ray.data.Dataset) -> ray.data.Dataset:
-        """Return the decisions for the rows of ``keys`` to drop."""
+        """Return the decisions for the rows of ``keys``."""
+
+    def fills(self) -> Mapping[str, Fill]:
+        """How each column of :meth:`writes` is filled for rows without a decision."""
+        return {}
+
+
+def decision_schema(stage: Stage) -> pa.Schema:
+    """:data:`DECISION_SCHEMA` plus the columns the stage writes."""
+    return pa.schema([*DECISION_SCHEMA, *(pa.field(c, t) for c, t in stage.writes().items())])
 
 
 def reason_category(reason: str) -> str:

@@ -9,5 +9,6 @@ BUILTIN_STAGES: dict[str, str] = {
     "text_stats": "curate.stages.text_stats:TextStatsAnnotator",
     "length_filter": "curate.stages.length_filter:LengthFilter",
     "exact_dedup": "curate.stages.exact_dedup:ExactDedup",
+    "minhash_dedup": "curate.stages.minhash_dedup:MinHashDedup",
     "image_filter": "curate.stages.image_filter:ImageFilter",
 }

@@ -102,6 +102,16 @@ def global_done(layout: Layout, stage: str) -> bool:
     return all(layout.exists(layout.decisions(stage, int(u))) for u in units)
 
 
-def commit_global(layout: Layout, stage: str, units: list[int]) -> None:
-    body = {"stage": stage, "units": units}
+def global_summary(layout: Layout, stage: str) -> dict[str, Any]:
+    """The counters a committed global stage reported (for the manifest of a resumed run)."""
+    summary: dict[str, Any] = json.loads(layout.read(layout.global_commit(stage))).get(
+        "summary", {}
+    )
+    return summary
+
+
+def commit_global(
+    layout: Layout, stage: str, units: list[int], summary: dict[str, Any] | None = None
+) -> None:
+    body = {"stage": stage, "units": units, "summary": summary or {}}
     layout.write(layout.global_commit(stage), json.dumps(body, sort_keys=True).encode())

@@ -70,8 +70,11 @@ def git_commit() -> str:
     return head + ("-dirty" if dirty.strip() else "")
 
 
-def stage_table(plan: Plan, reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per-stage totals in pipeline order: sources first, then stages."""
+def stage_table(
+    plan: Plan, reports: list[dict[str, Any]], summaries: dict[str, dict[str, Any]] | None = None
+) -> list[dict[str, Any]]:
+    """Per-stage totals in pipeline order: sources first, then stages, with the counters
+    global stages reported (``summary``)."""
     totals: dict[str, dict[str, Any]] = {}
     for r in reports:
         if r["kind"] not in ("stage", "source"):
@@ -100,6 +103,8 @@ def stage_table(plan: Plan, reports: list[dict[str, Any]]) -> list[dict[str, Any
         }
         if row["rows_in"] != row["kept"] + row["dropped"]:
             raise AccountingError(f"stage {name!r}: counts do not balance: {row}")
+        if summaries and name in summaries:
+            row["summary"] = summaries[name]
         rows.append(row)
     return rows
 
@@ -123,7 +128,11 @@ def _check_flow(
 
 
 def build_manifest(
-    plan: Plan, layout: Layout, reports: list[dict[str, Any]], run_info: dict[str, Any]
+    plan: Plan,
+    layout: Layout,
+    reports: list[dict[str, Any]],
+    run_info: dict[str, Any],
+    summaries: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     inputs = sorted(
         (
@@ -154,7 +163,7 @@ def build_manifest(
         ),
         key=lambda f: f["path"],
     )
-    stages = stage_table(plan, reports)
+    stages = stage_table(plan, reports, summaries)
     _check_flow(plan, stages, outputs)
     return {
         "format": "curate-manifest/1",
