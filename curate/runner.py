@@ -15,6 +15,7 @@ are written per unit; the next segment applies them while reading the unit.
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import os
 import time
@@ -713,14 +714,10 @@ class Runner:
         # Ray turns an empty block into a schemaless one, which its shuffles reject,
         # so units without rows are left out of the key dataset (they need no decision).
         decisions = stage.plan(self._dataset(reads))
-        partitions = max(1, min(len(reads), 64))
-        written = decisions.groupby(UNIT, num_partitions=partitions).map_groups(
-            functools.partial(
-                _write_decisions, stage=name, schema=decision_schema(stage), layout=self.layout
-            ),
-            batch_format="pyarrow",
+        writers = max(1, min(len(reads), int(cluster_resources().get("CPU", 1)) * 2))
+        units = write_decisions(
+            decisions.to_arrow_refs(), name, decision_schema(stage), self.layout, writers
         )
-        units = sorted(int(row["unit"]) for row in written.take_all())
         commit_global(self.layout, name, units, stage.summary)
         self.global_summaries[name] = stage.summary
         self.global_seconds[name] = time.perf_counter() - start
@@ -731,11 +728,50 @@ def _num_rows(layout: Layout, path: str) -> int:
         return int(pq.ParquetFile(handle).metadata.num_rows)
 
 
-def _write_decisions(group: pa.Table, stage: str, schema: pa.Schema, layout: Layout) -> pa.Table:
-    group = group.select(schema.names).cast(schema).sort_by(POS)
-    unit = int(group.column(UNIT)[0].as_py())
-    write_parquet_atomic(group, layout.decisions(stage, unit), "zstd", layout.opts)
-    return pa.table({"unit": [unit], "rows": [group.num_rows]})
+def write_decisions(
+    blocks: list[Any], stage: str, schema: pa.Schema, layout: Layout, writers: int
+) -> list[int]:
+    """Write a global stage's decisions, one file per unit, with two waves of Ray tasks
+    (split every block by unit, then each writer writes its units); returns the units."""
+    split: list[Any] = [
+        _split_units.options(num_returns=writers).remote(b, writers) for b in blocks
+    ]
+    pieces = [split] if writers == 1 else [[s[w] for s in split] for w in range(writers)]
+    written = [
+        _write_unit_decisions.remote(stage, schema, layout, *pieces[w]) for w in range(writers)
+    ]
+    return sorted(u for units in ray.get(written) for u in units)
+
+
+@ray.remote
+def _split_units(block: pa.Table, writers: int) -> Any:
+    if block.num_rows == 0 or UNIT not in block.column_names:
+        empty = pa.table({UNIT: pa.array([], pa.int64())})
+        return empty if writers == 1 else tuple(empty for _ in range(writers))
+    units = block.column(UNIT).to_numpy()
+    if writers == 1:
+        return block
+    part = units % writers
+    return tuple(block.filter(pa.array(part == w)) for w in range(writers))
+
+
+@ray.remote
+def _write_unit_decisions(stage: str, schema: pa.Schema, layout: Layout, *pieces: pa.Table) -> Any:
+    live = [p.select(schema.names).cast(schema) for p in pieces if p.num_rows]
+    if not live:
+        return []
+    table = pa.concat_tables(live).sort_by([(UNIT, "ascending"), (POS, "ascending")])
+    units = table.column(UNIT).to_numpy()
+    starts = np.flatnonzero(np.r_[True, units[1:] != units[:-1]])
+    bounds = [*starts.tolist(), len(units)]
+    out = []
+    for lo, hi in itertools.pairwise(bounds):
+        unit = int(units[lo])
+        write_parquet_atomic(
+            table.slice(lo, hi - lo), layout.decisions(stage, unit), "zstd", layout.opts
+        )
+        out.append(unit)
+    return out
 
 
 def _ray_args(bound: BoundStage, n_units: int, n_groups: int) -> dict[str, Any]:

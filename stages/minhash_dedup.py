@@ -55,14 +55,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any, ClassVar, Literal
 
-import numpy as np
 import pyarrow as pa
 import ray
 import ray.data
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from curate.dedup.graph import NODE, ClusterSpec, cluster, node_ids
-from curate.dedup.minhash import Normalization, SignatureSpec, band_keys, signatures
+from curate.dedup.minhash import Normalization, SignatureSpec, lsh_keys
 from curate.stage import POS, UNIT, Fill, GlobalStage, StageConfig, decision_schema
 
 Preset = Literal["fineweb", "nemo", "slimpajama", "gopher"]
@@ -281,8 +280,7 @@ def sign_block(
 ) -> pa.Table:
     """Signatures of one unit -> node, shingle count, band keys and the columns later
     steps need."""
-    sig, counts = signatures(block.column("text"), spec)
-    keys = band_keys(sig.astype(np.uint64), bands, rows)
+    keys, counts = lsh_keys(block.column("text"), spec, bands, rows)
     columns: dict[str, Any] = {
         NODE: pa.array(node_ids(block), pa.uint64()),
         "n_shingles": pa.array(counts, pa.int64()),

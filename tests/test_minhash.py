@@ -146,6 +146,22 @@ def test_kernel_equals_numpy(texts: list[str], shingle: str, n: int) -> None:
     _both_paths(texts, mh.SignatureSpec(shingle=shingle, ngram=n, num_perm=8))  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("bits", [32, 64])
+def test_lsh_keys_in_chunks_equal_band_keys_of_signatures(
+    monkeypatch: pytest.MonkeyPatch, bits: int
+) -> None:
+    spec = mh.SignatureSpec(num_perm=24, hash_bits=bits)  # type: ignore[arg-type]
+    texts = pa.array(TEXTS * 3)
+    sig, counts = mh.signatures(texts, spec)
+    want = mh.band_keys(sig.astype(np.uint64), 4, 6)
+    monkeypatch.setattr(mh, "KEY_CHUNK", 4)
+    keys, counts2 = mh.lsh_keys(texts, spec, 4, 6)
+    assert np.array_equal(keys, want) and np.array_equal(counts, counts2)
+    monkeypatch.setenv("CURATE_MINHASH_KERNEL", "numpy")
+    keys3, _ = mh.lsh_keys(texts, spec, 4, 6)
+    assert np.array_equal(keys3, want)
+
+
 def test_numpy_fallback_when_kernel_is_off(monkeypatch: pytest.MonkeyPatch) -> None:
     spec = mh.SignatureSpec(num_perm=32, hash_bits=32)
     fast = mh.signatures(pa.array(TEXTS), spec)

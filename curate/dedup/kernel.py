@@ -188,6 +188,15 @@ if HAVE_NUMBA:
                 _permute(_mix(x), a, b, row)
             counts[d] = m - ngram + 1
 
+    @numba.njit(cache=True)
+    def _band_keys(sig: Array, bands: int, rows: int, out: Array) -> None:  # pragma: no cover
+        for d in range(sig.shape[0]):
+            for band in range(bands):
+                acc = np.uint64(band + 1) * np.uint64(0x9E3779B97F4A7C15)
+                for r in range(rows):
+                    acc = _mix(acc ^ np.uint64(sig[d, band * rows + r]))
+                out[d, band] = acc
+
 
 def signatures(
     data: Array,
@@ -198,12 +207,24 @@ def signatures(
     b: Array,
     tables: tuple[Array, Array],
     constants: tuple[int, int, int],
+    out: tuple[Array, Array] | None = None,
 ) -> tuple[Array, Array]:
     """``(n_docs, num_perm)`` uint64 minima and shingle counts of a batch of documents,
-    given as UTF-8 ``data`` and ``offsets``."""
+    given as UTF-8 ``data`` and absolute ``offsets`` into it; into ``out`` when given."""
     n_docs = len(offsets) - 1
-    sig = np.full((n_docs, len(a)), np.iinfo(np.uint64).max, dtype=np.uint64)
-    counts = np.zeros(n_docs, dtype=np.int64)
+    if out is None:
+        sig = np.empty((n_docs, len(a)), dtype=np.uint64)
+        counts = np.zeros(n_docs, dtype=np.int64)
+    else:
+        sig, counts = out
+    sig.fill(np.iinfo(np.uint64).max)
     p_byte, p_token, len_mult = (np.uint64(c) for c in constants)
     _signatures(data, offsets, char, ngram, a, b, *tables, p_byte, p_token, len_mult, sig, counts)
     return sig, counts
+
+
+def band_keys(sig: Array, bands: int, rows: int) -> Array:
+    """Compiled :func:`curate.dedup.minhash.band_keys` (same values)."""
+    out = np.empty((sig.shape[0], bands), dtype=np.uint64)
+    _band_keys(np.ascontiguousarray(sig), bands, rows, out)
+    return out

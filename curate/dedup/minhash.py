@@ -326,27 +326,19 @@ STEP_BYTES = 1 << 21
 def signatures(text: pa.Array | pa.ChunkedArray, spec: SignatureSpec) -> tuple[Array, Array]:
     """MinHash signatures ``(n_docs, num_perm)`` (uint32 or uint64) and the number of
     shingles of each document."""
-    from curate.dedup import kernel
-
     a, b = permutations(spec.num_perm, spec.seed)
-    norm = spec.normalization()
-    if kernel.available() and (spec.shingle == "word" or norm.whitespace):
+    if _use_kernel(spec):
         sig, counts = _signatures_kernel(text, spec, a, b)
     else:
-        sig, counts = _signatures_numpy(normalize(text, norm), spec, a, b)
+        sig, counts = _signatures_numpy(normalize(text, spec.normalization()), spec, a, b)
     if spec.hash_bits == 32:
         return (sig >> U64(32)).astype(np.uint32), counts
     return sig, counts
 
 
-def _signatures_kernel(
-    text: pa.Array | pa.ChunkedArray, spec: SignatureSpec, a: Array, b: Array
-) -> tuple[Array, Array]:
-    """ASCII documents go to the kernel raw (it applies the ASCII rules); the others
-    are normalized by Arrow first."""
-    from curate.dedup import kernel
-
-    norm = spec.normalization()
+def _prepared(text: pa.Array | pa.ChunkedArray, norm: Normalization) -> tuple[Array, Array]:
+    """UTF-8 bytes and offsets for the kernel: ASCII documents raw (the kernel applies the
+    ASCII rules), the others normalized by Arrow first."""
     raw = pc.fill_null(text, "")
     if isinstance(raw, pa.ChunkedArray):
         raw = raw.combine_chunks() if raw.num_chunks else pa.array([], pa.string())
@@ -357,18 +349,64 @@ def _signatures_kernel(
         raw = pc.replace_with_mask(raw, non_ascii, fixed)
         if isinstance(raw, pa.ChunkedArray):
             raw = raw.combine_chunks()
-    data, offsets = _buffers(raw)
-    tables = kernel.byte_table(norm.lowercase, norm.numbers, norm.punctuation)
-    return kernel.signatures(
-        data,
-        offsets,
-        spec.shingle == "char",
-        spec.ngram,
-        a,
-        b,
-        tables,
-        (P_BYTE, P_TOKEN, LEN_MULT),
-    )
+    return _buffers(raw)
+
+
+def _kernel_args(spec: SignatureSpec) -> dict[str, Any]:
+    from curate.dedup import kernel
+
+    norm = spec.normalization()
+    return {
+        "char": spec.shingle == "char",
+        "ngram": spec.ngram,
+        "tables": kernel.byte_table(norm.lowercase, norm.numbers, norm.punctuation),
+        "constants": (P_BYTE, P_TOKEN, LEN_MULT),
+    }
+
+
+def _signatures_kernel(
+    text: pa.Array | pa.ChunkedArray, spec: SignatureSpec, a: Array, b: Array
+) -> tuple[Array, Array]:
+    from curate.dedup import kernel
+
+    data, offsets = _prepared(text, spec.normalization())
+    return kernel.signatures(data, offsets, a=a, b=b, **_kernel_args(spec))
+
+
+#: Documents signed per kernel call by :func:`lsh_keys` (bounds its work buffer).
+KEY_CHUNK = 2048
+
+
+def lsh_keys(
+    text: pa.Array | pa.ChunkedArray, spec: SignatureSpec, bands: int, rows: int
+) -> tuple[Array, Array]:
+    """Band keys ``(n_docs, bands)`` and shingle counts, without keeping whole signatures:
+    documents are signed ``KEY_CHUNK`` at a time into one reused buffer."""
+    from curate.dedup import kernel
+
+    if not _use_kernel(spec):
+        sig, counts = signatures(text, spec)
+        return band_keys(sig.astype(U64), bands, rows), counts
+    a, b = permutations(spec.num_perm, spec.seed)
+    data, offsets = _prepared(text, spec.normalization())
+    args = _kernel_args(spec)
+    n = len(offsets) - 1
+    keys = np.empty((n, bands), dtype=U64)
+    counts = np.zeros(n, dtype=np.int64)
+    buf = np.empty((min(n, KEY_CHUNK), spec.num_perm), dtype=U64)
+    for lo in range(0, n, KEY_CHUNK):
+        hi = min(lo + KEY_CHUNK, n)
+        sig, _ = kernel.signatures(
+            data, offsets[lo : hi + 1], a=a, b=b, out=(buf[: hi - lo], counts[lo:hi]), **args
+        )
+        keys[lo:hi] = kernel.band_keys(sig >> U64(32) if spec.hash_bits == 32 else sig, bands, rows)
+    return keys, counts
+
+
+def _use_kernel(spec: SignatureSpec) -> bool:
+    from curate.dedup import kernel
+
+    return kernel.available() and (spec.shingle == "word" or spec.normalization().whitespace)
 
 
 def _signatures_numpy(
