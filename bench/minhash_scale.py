@@ -9,11 +9,12 @@ real work for LSH and the components.  They are written as zstd Parquet shards
 
 While ``curate run`` works, a sampler reads ``/proc/<pid>/status`` of every
 process of the run (the driver and everything Ray starts: raylet, GCS, workers)
-ten times a second and keeps each one's peak resident memory.  Ray's object
-store is shared memory: a worker that reads an object maps its pages, so they
-count in that worker's RSS too; the store's own size is capped (30 % of RAM
-by default) and spills to disk beyond.  Run at two sizes to see whether the
-largest process grows with the document count.
+ten times a second and keeps each one's peak *private* resident memory
+(``RssAnon``).  Ray's object store is shared memory: a worker that writes or
+reads an object maps its pages, which would count in its plain RSS although
+they belong to the store, whose size is capped (30 % of RAM by default) and
+which spills to disk beyond.  Run at several sizes to see whether the largest
+process grows with the document count.
 
     python bench/minhash_scale.py --docs 250000 1000000
 """
@@ -39,7 +40,9 @@ import debian
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "bench" / "data"
-SHARDS = 16
+#: Documents per shard (so one unit of work): the same at every size, so that a
+#: larger run has more units, not larger ones.
+PER_SHARD = 62_500
 
 PIPELINE = """\
 name: bench_minhash_scale
@@ -62,10 +65,9 @@ def make_corpus(n_docs: int, seed: int = 0) -> Path:
     vocab = sorted({w for words in bases[:5000] for w in words})
     shards = folder / "shards"
     shards.mkdir(parents=True, exist_ok=True)
-    per = -(-n_docs // SHARDS)
-    for s in range(SHARDS):
+    for s in range(-(-n_docs // PER_SHARD)):
         texts = []
-        for _ in range(min(per, n_docs - s * per)):
+        for _ in range(min(PER_SHARD, n_docs - s * PER_SHARD)):
             words = list(rng.choice(bases))
             for _ in range(max(1, int(len(words) * rng.uniform(0.01, 0.05)))):
                 words[rng.randrange(len(words))] = rng.choice(vocab)
@@ -103,10 +105,12 @@ def _children(root: int) -> set[int]:
 
 
 def _rss_and_name(pid: int) -> tuple[int, str]:
+    """Private resident memory (``RssAnon``: the process's own heap, not the object
+    store's shared pages it has mapped) and the process name."""
     rss, name = 0, "?"
     with open(f"/proc/{pid}/status") as handle:
         for line in handle:
-            if line.startswith("VmRSS:"):
+            if line.startswith("RssAnon:"):
                 rss = int(line.split()[1]) * 1024
             elif line.startswith("Name:"):
                 name = line.split(None, 1)[1].strip()
@@ -174,7 +178,8 @@ def main() -> None:
         folder = make_corpus(n)
         results[n] = run(folder)
         print(f"{n} docs: {json.dumps(results[n])}", flush=True)
-    print("\ndocs       wall s  dedup s  removed   largest process (MiB)   all processes (MiB)")
+    print("\nprivate memory (RssAnon), MiB")
+    print("docs       wall s  dedup s  removed   largest process         all processes")
     for n, r in results.items():
         name, mib = r["largest"][0]  # type: ignore[index]
         print(

@@ -163,6 +163,7 @@ def run_plan(
         "seconds": round(time.perf_counter() - t0, 3),
         "stage_seconds": stage_seconds(runner.reports),
         "global_stage_seconds": {k: round(v, 4) for k, v in runner.global_seconds.items()},
+        "global_stage_phases": runner.global_phases,
         "output": out,
         "resumed": resume,
         "cache": runner.cache_info(),

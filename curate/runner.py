@@ -484,6 +484,7 @@ class Runner:
         self.reused: list[str] = []
         self.global_seconds: dict[str, float] = {}
         self.global_summaries: dict[str, dict[str, Any]] = {}
+        self.global_phases: dict[str, dict[str, float]] = {}
         self._sizes: dict[str, int] | None = None
 
     def _plan_units(self) -> dict[str, list[Unit]]:
@@ -720,6 +721,7 @@ class Runner:
         )
         commit_global(self.layout, name, units, stage.summary)
         self.global_summaries[name] = stage.summary
+        self.global_phases[name] = stage.timings
         self.global_seconds[name] = time.perf_counter() - start
 
 

@@ -174,14 +174,18 @@ class GlobalStage(Stage):
     one per kept row that gets values of the stage's own columns (reason
     null).  Kept rows it does not name get :meth:`fills`.  It must use Ray
     Data or Ray tasks over object references and never pull the dataset into
-    the driver.  Counters it puts in :attr:`summary` go to the manifest.
+    the driver.  Counters it puts in :attr:`summary` go to the manifest's stage
+    row, phase times in :attr:`timings` to its run section.
     """
 
     kind: ClassVar[StageKind] = "global"
 
     def __init__(self, config: StageConfig, context: StageContext) -> None:
         super().__init__(config, context)
+        #: Deterministic counters, for the manifest's stage row.
         self.summary: dict[str, Any] = {}
+        #: Seconds per phase, for the manifest's run section.
+        self.timings: dict[str, float] = {}
 
     @abstractmethod
     def plan(self, keys: ray.data.Dataset) -> ray.data.Dataset:

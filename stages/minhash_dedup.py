@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import functools
 import math
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any, ClassVar, Literal
@@ -219,6 +220,7 @@ class MinHashDedup(GlobalStage):
 
     def plan(self, keys: ray.data.Dataset) -> ray.data.Dataset:
         spec, r = self.settings()
+        start = time.perf_counter()
         verify = r["jaccard_threshold"] is not None
         signed = keys.map_batches(
             functools.partial(
@@ -234,6 +236,7 @@ class MinHashDedup(GlobalStage):
             zero_copy_batch=True,
         ).materialize()
         n_docs = signed.count()
+        sign_s = time.perf_counter() - start
         parts = self.config.num_partitions or _auto_partitions(
             n_docs, self.config.docs_per_partition
         )
@@ -262,6 +265,7 @@ class MinHashDedup(GlobalStage):
             "keep": r["keep"],
             **stats,
         }
+        self.timings = {"sign": round(sign_s, 3), **self.summary.pop("seconds")}
         return ray.data.from_arrow_refs(refs)
 
 

@@ -23,6 +23,7 @@ fingerprint) ends it.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -417,6 +418,15 @@ def cluster(
     n = spec.partitions
     verify = spec.threshold is not None
     kinds = 3 if verify else 2
+    clock = time.perf_counter()
+    seconds: dict[str, float] = {}
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        seconds[name] = round(now - clock, 3)
+        clock = now
+
     scattered, _ = _wave(
         scatter_block.options(num_returns=kinds * n),
         kinds * n,
@@ -432,6 +442,7 @@ def cluster(
     )
     stats: dict[str, Any] = {"partitions": n}
     stats["buckets"] = sum(s["buckets"] for s in _stats(extras))
+    lap("buckets")
     if verify:
         with_text, extras = _wave(
             attach_left.options(num_returns=n + 1),
@@ -450,7 +461,9 @@ def cluster(
         verified = _stats(extras)
         stats["verified_pairs"] = sum(s["verified"] for s in verified)
         stats["rejected_pairs"] = sum(s["rejected_pairs"] for s in verified)
+        lap("verify")
     labels = _components(edges, n, stats, count_candidates=not verify)
+    lap("components")
     keep_columns = ["id"] + (
         [spec.score_column] if spec.keep == "score" and spec.score_column else []
     )
@@ -463,6 +476,8 @@ def cluster(
         choose_keepers.options(num_returns=2), 1, [(spec, schema, *members[p]) for p in range(n)]
     )
     keep_stats = _stats(extras)
+    lap("keep")
+    stats["seconds"] = seconds
     stats["clusters"] = sum(s["clusters"] for s in keep_stats)
     stats["dropped"] = sum(s["dropped"] for s in keep_stats)
     sizes: dict[int, int] = {}
