@@ -227,6 +227,15 @@ def _check_columns(
                         f"(available: {', '.join(sorted(common))})",
                     )
                 )
+        for column, kind in stage.writes().items():
+            if column in available and available[column] != kind:
+                issues.append(
+                    line(
+                        ("stages", name),
+                        f"writes column {column!r} as {kind}, but its input already has it as "
+                        f"{available[column]}; rename the upstream column",
+                    )
+                )
         plan.input_columns[name] = available
         plan.columns[name] = {**available, **stage.writes()}
 

@@ -710,6 +710,7 @@ class Runner:
         ]
         if not reads:  # every unit is empty: nothing to decide
             self.global_seconds[name] = time.perf_counter() - start
+            self.global_summaries[name] = {}
             commit_global(self.layout, name, [])
             return
         # Ray turns an empty block into a schemaless one, which its shuffles reject,
@@ -747,7 +748,9 @@ def write_decisions(
 
 @ray.remote
 def _split_units(block: pa.Table, writers: int) -> Any:
-    if block.num_rows == 0 or UNIT not in block.column_names:
+    if block.num_rows and UNIT not in block.column_names:
+        raise AccountingError(f"a global stage returned decisions without {UNIT!r}")
+    if block.num_rows == 0:
         empty = pa.table({UNIT: pa.array([], pa.int64())})
         return empty if writers == 1 else tuple(empty for _ in range(writers))
     units = block.column(UNIT).to_numpy()

@@ -9,6 +9,9 @@
 3. **Verify** (``jaccard_threshold``): the exact Jaccard similarity of the two
    shingle sets of every candidate pair, computed where the pair's texts meet
    after two hash-partitioned joins; pairs under the threshold are dropped.
+   Candidates are then all pairs of buckets of up to 8 members and stars from
+   the 2 smallest members of larger ones, so that one loose match does not
+   cut true pairs apart.
 4. **Components**: distributed large-star / small-star over hash partitions of
    the edges (:mod:`curate.dedup.graph`).
 5. **Keep**: members of each component meet in the partition of its smallest
@@ -27,9 +30,13 @@ Presets (``preset:``; any field given beside it overrides it):
 ``fineweb``
     datatrove ``MinhashConfig`` as FineWeb used it (``examples/fineweb.py``,
     ``pipeline/dedup/minhash.py``): word 5-grams, 112 = 14 bands x 8 rows,
-    64-bit hashes, datatrove's text normalization (lowercase, punctuation,
-    whitespace, digits, diacritics), seed 1, no verification; LSH knee
-    ``(1/14)^(1/8)`` ~ 0.72.
+    64-bit hashes, seed 1, no verification; LSH knee ``(1/14)^(1/8)`` ~ 0.72.
+    Normalization in datatrove's spirit (lowercase, digits, punctuation,
+    whitespace, diacritics) but not identical: datatrove has no NFKC, turns
+    ``3.14`` into one ``0`` (we give ``0 0``), also blanks C0/C1 control
+    characters, and splits words with spaCy's English rules ("cannot" -> "can
+    not"); we split on whitespace.  Hashes differ too, so signatures are not
+    interchangeable with datatrove's.
 ``nemo``
     NeMo Curator ``FuzzyDuplicatesConfig`` (``nemo_curator/modules/config.py``):
     character 24-grams, 260 = 20 bands x 13 rows, 32-bit hashes, seed 42, raw
@@ -40,6 +47,8 @@ Presets (``preset:``; any field given beside it overrides it):
     ``generate_duplicates_dict.py``): character 13-grams after NFC, lowercasing,
     punctuation removal and whitespace collapse; ``num_perm`` 128 of which
     9 bands x 13 rows = 117 are used; 32-bit values (datasketch); threshold 0.8.
+    SlimPajama deletes ASCII punctuation ("don't" -> "dont"); we turn Unicode
+    punctuation into a space ("don t").
 ``gopher``
     Gopher / MassiveText (Rae et al. 2021, App. A): word 13-grams, documents
     with Jaccard >= 0.8 are duplicates, one of each pair removed at random.
@@ -57,6 +66,7 @@ from dataclasses import replace
 from typing import Any, ClassVar, Literal
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 import ray.data
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -269,9 +279,13 @@ class MinHashDedup(GlobalStage):
         return ray.data.from_arrow_refs(refs)
 
 
+#: Most partitions chosen automatically: every wave makes partitions^2 object refs.
+MAX_AUTO_PARTITIONS = 256
+
+
 def _auto_partitions(n_docs: int, per_partition: int) -> int:
     cpus = int(ray.cluster_resources().get("CPU", 1))  # type: ignore[no-untyped-call]
-    return max(cpus, math.ceil(n_docs / per_partition))
+    return min(MAX_AUTO_PARTITIONS, max(cpus, math.ceil(n_docs / per_partition)))
 
 
 def sign_block(
@@ -295,7 +309,11 @@ def sign_block(
     for c in extra:
         columns[c] = block.column(c)
     if score:
-        columns[score] = block.column(score)
+        try:
+            columns[score] = pc.cast(block.column(score), pa.float64())
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+            kind = block.schema.field(score).type
+            raise ValueError(f"score_column {score!r} must be numeric, found {kind}") from exc
     for i in range(bands):
         columns[f"band_{i}"] = pa.array(keys[:, i], pa.uint64())
     return pa.table(columns)

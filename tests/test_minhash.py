@@ -23,9 +23,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from curate.api import run
+from curate.api import check, run
+from curate.config.yamlpos import ConfigError
 from curate.dedup import graph, kernel
 from curate.dedup import minhash as mh
+from curate.stage import StageContext, decision_schema
 
 M64 = (1 << 64) - 1
 
@@ -414,28 +416,87 @@ def test_keep_by_score_and_verification(ray_local: None, corpus: Path) -> None:
 
 def test_verification_splits_lsh_false_positives(ray_local: None, tmp_path: Path) -> None:
     """With one row per band every shared minimum is a candidate; exact Jaccard keeps
-    only the true near-duplicate."""
+    only the true near-duplicates, also when the loose match is a bucket's smallest
+    node (six groups, so that happens in some of them whatever the hashes)."""
     rng = random.Random(2)
     vocab = vocabulary(400)
-    base = [rng.choice(vocab) for _ in range(200)]
-    near = list(base)
-    near[100] = "changed"
-    half = base[:100] + [rng.choice(vocab) for _ in range(100)]
-    write_jsonl(
-        tmp_path / "docs.jsonl",
-        [
-            {"doc": "a", "text": " ".join(base), "q": 0.0},
-            {"doc": "b", "text": " ".join(near), "q": 0.0},
-            {"doc": "c", "text": " ".join(half), "q": 0.0},
-        ],
-    )
+    rows = []
+    for g in range(6):
+        base = [rng.choice(vocab) for _ in range(200)]
+        near = list(base)
+        near[100] = "changed"
+        half = base[:100] + [rng.choice(vocab) for _ in range(100)]
+        for name, words in (("a", base), ("b", near), ("c", half)):
+            rows.append({"doc": f"{g}{name}", "text": " ".join(words), "q": 0.0})
+    write_jsonl(tmp_path / "docs.jsonl", rows)
     loose = "    bands: 64\n    rows: 1\n    num_perm: 64\n"
     stage, kept, dropped = run_fuzzy(tmp_path, "loose", loose)
-    assert dropped == {"b": "near_duplicate:a", "c": "near_duplicate:a"}
+    assert dropped == {f"{g}{x}": f"near_duplicate:{g}a" for g in range(6) for x in "bc"}
     stage, kept, dropped = run_fuzzy(tmp_path, "strict", loose + "    jaccard_threshold: 0.8")
-    assert dropped == {"b": "near_duplicate:a"}
-    assert kept["c"] == ("c", 1)
-    assert stage["summary"]["rejected_pairs"] >= 1
+    assert dropped == {f"{g}b": f"near_duplicate:{g}a" for g in range(6)}
+    assert all(kept[f"{g}c"] == (f"{g}c", 1) for g in range(6))
+    assert stage["summary"]["rejected_pairs"] >= 6
+
+
+def test_equal_ids_and_keep_first_are_deterministic(ray_local: None, tmp_path: Path) -> None:
+    """Ids from a source column may repeat; the kept row must not depend on partitions."""
+    rng = random.Random(4)
+    vocab = vocabulary(400)
+    base = [rng.choice(vocab) for _ in range(600)]
+    rows = []
+    for k in range(6):
+        words = list(base)
+        words[rng.randrange(600)] = f"edit{k}"
+        rows.append({"doc": "same" if k < 4 else f"other{k}", "text": " ".join(words), "q": 0.0})
+    write_jsonl(tmp_path / "docs.jsonl", rows)
+
+    def kept_rows(name: str, extra: str) -> list[Any]:
+        run_fuzzy(tmp_path, name, extra)
+        out = tmp_path / name / "out"
+        table = pa.concat_tables(pq.read_table(p) for p in sorted(out.glob("*.parquet")))
+        return table.select(["id", "provenance", "cluster_size"]).to_pylist()
+
+    one = kept_rows("p1", "    num_partitions: 1")
+    assert one == kept_rows("p4", "    num_partitions: 4")
+    assert len(one) == 1 and one[0]["id"] == "other4" and one[0]["cluster_size"] == 6
+    same = kept_rows("s1", "    num_partitions: 1\n    bands: 20\n    rows: 2\n    keep: first")
+    assert same == kept_rows(
+        "s4", "    num_partitions: 4\n    bands: 20\n    rows: 2\n    keep: first"
+    )
+    assert same[0]["provenance"]["row"] == 0  # keep: first keeps the first line
+
+
+def test_keep_score_ranks_null_and_nan_last() -> None:
+    members = pa.table(
+        {
+            graph.NODE: pa.array([3, 2, 1, 4], pa.uint64()),
+            "_unit": pa.array([0, 0, 0, 0], pa.int64()),
+            "_pos": pa.array([0, 1, 2, 3], pa.int64()),
+            "id": ["a", "b", "c", "d"],
+            "q": pa.array([float("nan"), None, 0.1, 0.05]),
+            "component": pa.array([7, 7, 7, 7], pa.uint64()),
+        }
+    )
+    spec = graph.ClusterSpec(partitions=1, threshold=None, keep="score", score_column="q")
+    from curate.stages.minhash_dedup import MinHashDedup
+
+    schema = decision_schema(MinHashDedup(MinHashDedupConfig(), StageContext("s", 0)))
+    decisions, stats = graph.choose_keepers._function(spec, schema, members)
+    assert set(decisions.column("cluster_id").to_pylist()) == {"c"}
+    assert stats == {"clusters": 1, "dropped": 3, "sizes": {4: 1}}
+
+
+def test_stage_refuses_to_overwrite_an_input_column(tmp_path: Path) -> None:
+    write_jsonl(tmp_path / "docs.jsonl", [{"text": "a b c", "cluster_size": "x"}])
+    pipe = tmp_path / "p.yaml"
+    pipe.write_text(
+        "name: clash\nsources:\n  docs: {uri: docs.jsonl, columns: {cluster_size: string}}\n"
+        "stages:\n  dedup: {type: minhash_dedup, input: docs}\n"
+        "sinks:\n  out: {input: dedup}\n",
+        encoding="utf-8",
+    )
+    with pytest.raises(ConfigError, match="writes column 'cluster_size' as int64, but its input"):
+        check(str(pipe))
 
 
 def test_random_keep_is_seeded(ray_local: None, corpus: Path) -> None:

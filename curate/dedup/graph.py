@@ -51,6 +51,11 @@ Ref = Any  # ray.ObjectRef
 #: Column holding a document's node (uint64) and, in band tables, its band key.
 NODE, KEY = "node", "key"
 MAX_ROUNDS = 64
+#: With verification: buckets up to this size give all their pairs, larger ones
+#: a star from each of their ``ANCHORS`` smallest members.
+ALL_PAIRS, ANCHORS = 8, 2
+#: Candidate pairs whose Jaccard similarity is computed at once.
+PAIR_CHUNK = 2048
 
 Keep = Literal["smallest_id", "first", "score", "random"]
 
@@ -186,10 +191,15 @@ def scatter_block(
 
 @ray.remote
 def bucket_pairs(n: int, verify: bool, *pieces: pa.Table) -> tuple[Any, ...]:
-    """Band rows of one partition -> star edges from each bucket's smallest node.
+    """Band rows of one partition -> candidate edges ``(u, v)``, ``u < v``.
 
-    With verification the edges go to the partition of ``u`` (to fetch its text);
-    without, straight to the first large-star step.
+    Without verification a star from each bucket's smallest node is enough (every
+    member ends in one component anyway), and the edges go straight to the first
+    large-star step.  With verification a rejected star edge would cut true pairs
+    between the other members apart, so buckets of up to :data:`ALL_PAIRS` members
+    give all their pairs and larger ones a star from each of their
+    :data:`ANCHORS` smallest nodes (NeMo Curator's anchors); the edges go to the
+    partition of ``u`` to fetch its text.
     """
     table = concat(pieces)
     key = table.column(KEY).to_numpy().astype(U64, copy=False)
@@ -198,9 +208,21 @@ def bucket_pairs(n: int, verify: bool, *pieces: pa.Table) -> tuple[Any, ...]:
     key, node = key[order], node[order]
     starts = group_starts(key)
     sizes = np.diff(np.r_[starts, len(key)])
-    first = np.repeat(node[starts], sizes)
-    member = node != first
-    u, v = unique_edges(first[member], node[member])
+    group = np.repeat(np.arange(len(starts)), sizes)
+    rank = np.arange(len(key)) - np.repeat(starts, sizes)
+    size = np.repeat(sizes, sizes)
+    us, vs = [np.repeat(node[starts], sizes)[rank > 0]], [node[rank > 0]]
+    if verify:
+        small = size <= ALL_PAIRS
+        for d in range(1, ALL_PAIRS):  # all pairs (i, i + d) inside small buckets
+            same = small[:-d] & (group[:-d] == group[d:])
+            us.append(node[:-d][same])
+            vs.append(node[d:][same])
+        for a in range(1, ANCHORS):  # more anchors in large buckets
+            big = (size > ALL_PAIRS) & (rank > a)
+            us.append(node[np.flatnonzero(big) - rank[big] + a])
+            vs.append(node[big])
+    u, v = unique_edges(np.concatenate(us), np.concatenate(vs))
     stats = {"buckets": int((sizes > 1).sum()), "bucket_rows": len(key)}
     if verify:
         return _outputs(split(edge_table(u, v), part_of(u, n), n), stats)
@@ -269,10 +291,17 @@ def _shingle_sets(text: pa.Array | pa.ChunkedArray, sign: SignatureSpec) -> tupl
 
 def jaccard(left: Any, right: Any, sign: SignatureSpec) -> Array:
     """Exact Jaccard similarity of the shingle sets of ``left[i]`` and ``right[i]``
-    (shingles compared by their 64-bit hashes)."""
+    (shingles compared by their 64-bit hashes), :data:`PAIR_CHUNK` pairs at a time."""
     n = len(left)
-    if n == 0:
-        return np.zeros(0)
+    parts = [
+        _jaccard(left.slice(lo, PAIR_CHUNK), right.slice(lo, PAIR_CHUNK), sign)
+        for lo in range(0, n, PAIR_CHUNK)
+    ]
+    return np.concatenate(parts) if parts else np.zeros(0)
+
+
+def _jaccard(left: Any, right: Any, sign: SignatureSpec) -> Array:
+    n = len(left)
     d1, s1 = _shingle_sets(left, sign)
     d2, s2 = _shingle_sets(right, sign)
     size1 = np.bincount(d1, minlength=n)
@@ -330,20 +359,23 @@ def join_labels(n: int, n_docs: int, keep_columns: list[str], *pieces: pa.Table)
     _check_unique(docs)
     node = labels.column("u").to_numpy().astype(U64, copy=False)
     comp = labels.column("v").to_numpy().astype(U64, copy=False)
-    rows = docs.select([UNIT, POS, *keep_columns]).take(pa.array(_lookup(docs, node)))
+    rows = docs.select([NODE, UNIT, POS, *keep_columns]).take(pa.array(_lookup(docs, node)))
     members = rows.append_column("component", pa.array(comp, pa.uint64()))
     return _outputs(split(members, part_of(comp, n), n), {})
 
 
-def keep_order(members: pa.Table, spec: ClusterSpec) -> list[tuple[str, str]]:
-    """Sort keys that put each component's kept member first."""
+def keep_order(spec: ClusterSpec) -> list[tuple[str, str]]:
+    """Sort keys that put each component's kept member first; the node (a hash of id
+    and provenance) breaks ties between equal ids, whatever the partitioning."""
     if spec.keep == "first":
-        return [(UNIT, "ascending"), (POS, "ascending")]
-    if spec.keep == "score":
-        return [("_neg_score", "ascending"), ("id", "ascending")]
-    if spec.keep == "random":
-        return [("_draw", "ascending"), ("id", "ascending")]
-    return [("id", "ascending")]
+        keys = [(UNIT, "ascending"), (POS, "ascending")]
+    elif spec.keep == "score":
+        keys = [("_neg_score", "ascending"), ("id", "ascending")]
+    elif spec.keep == "random":
+        keys = [("_draw", "ascending"), ("id", "ascending")]
+    else:
+        keys = [("id", "ascending")]
+    return [*keys, (NODE, "ascending")]
 
 
 @ray.remote
@@ -352,7 +384,8 @@ def choose_keepers(spec: ClusterSpec, schema: pa.Schema, *pieces: pa.Table) -> t
     members = concat(pieces)
     if spec.keep == "score":
         score = pc.cast(members.column(spec.score_column), pa.float64())
-        neg = pc.fill_null(pc.negate(score), float("inf"))
+        score = pc.if_else(pc.is_nan(score), pa.scalar(None, pa.float64()), score)
+        neg = pc.fill_null(pc.negate(score), float("inf"))  # null and NaN rank last
         members = members.append_column("_neg_score", neg)
     if spec.keep == "random":
         seed = spec.seed
@@ -360,7 +393,7 @@ def choose_keepers(spec: ClusterSpec, schema: pa.Schema, *pieces: pa.Table) -> t
             xxhash.xxh3_64_intdigest(i.encode(), seed) for i in members.column("id").to_pylist()
         ]
         members = members.append_column("_draw", pa.array(draws, pa.uint64()))
-    members = members.sort_by([("component", "ascending"), *keep_order(members, spec)])
+    members = members.sort_by([("component", "ascending"), *keep_order(spec)])
     comp = members.column("component").to_numpy().astype(U64, copy=False)
     starts = group_starts(comp)
     sizes = np.diff(np.r_[starts, len(comp)])
@@ -442,6 +475,7 @@ def cluster(
     )
     stats: dict[str, Any] = {"partitions": n}
     stats["buckets"] = sum(s["buckets"] for s in _stats(extras))
+    del band_parts, scattered  # free the band keys in the object store
     lap("buckets")
     if verify:
         with_text, extras = _wave(

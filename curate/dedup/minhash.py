@@ -111,7 +111,7 @@ def normalize(text: pa.Array | pa.ChunkedArray, norm: Normalization) -> pa.Array
     """Normalized text, nulls as empty strings, as one contiguous ``large_string`` array."""
     out = pc.fill_null(text, "")
     if norm.diacritics:
-        out = pc.utf8_normalize(out, "NFKD")
+        out = pc.utf8_normalize(out, "NFD")
         out = pc.replace_substring_regex(out, r"\p{Mn}+", "")
     if norm.unicode != "none":
         out = pc.utf8_normalize(out, norm.unicode)
