@@ -35,6 +35,8 @@ check: test
 bench: setup
 	$(BIN)/python bench/passthrough.py
 	$(BIN)/python bench/webdataset_read.py
+	$(BIN)/python bench/minhash.py
+	$(BIN)/python bench/minhash_scale.py
 
 lock: setup
 	( echo "# Pinned, fully resolved dependencies (runtime + dev). Regenerate with: make lock"; \
