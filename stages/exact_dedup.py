@@ -1,8 +1,9 @@
 """``exact_dedup``: drop exact duplicates of the normalized text, on Ray.
 
 Map: normalize the text (lowercase, collapse whitespace, trim: each optional)
-and hash it with 128-bit xxh3.  Shuffle: Ray Data ``groupby`` on ``hash mod
-num_partitions`` so one task holds one partition, never the whole dataset.
+and hash it with 128-bit xxh3.  Shuffle: by ``hash mod num_partitions`` with
+two waves of Ray tasks (:func:`curate.shuffle.hash_shuffle`), so one task holds
+one partition, never the whole dataset.
 Reduce: sort each partition by (hash, keep key) and keep the first row of
 every hash run.  With 128-bit hashes a false match needs ~2^64 documents.
 
@@ -27,6 +28,7 @@ import ray.data
 import xxhash
 from pydantic import Field
 
+from curate.shuffle import hash_shuffle
 from curate.stage import DECISION_SCHEMA, POS, UNIT, GlobalStage, StageConfig
 
 PART = "_part"
@@ -66,10 +68,11 @@ class ExactDedup(GlobalStage):
         return ("text",)
 
     def plan(self, keys: ray.data.Dataset) -> ray.data.Dataset:
-        hashed = keys.map_batches(self.hash_batch, batch_format="pyarrow")
-        return hashed.groupby(PART, num_partitions=self.config.num_partitions).map_groups(
-            self.reduce_partition, batch_format="pyarrow"
+        hashed = keys.map_batches(self.hash_batch, batch_format="pyarrow", batch_size=None)
+        parts = hash_shuffle(
+            hashed.to_arrow_refs(), PART, self.config.num_partitions, self.reduce_partition
         )
+        return ray.data.from_arrow_refs(parts)
 
     def hash_batch(self, batch: pa.Table) -> pa.Table:
         cfg = self.config

@@ -42,6 +42,7 @@ from curate.dedup.minhash import (
     splitmix64,
     word_tokens,
 )
+from curate.shuffle import concat, split
 from curate.stage import POS, UNIT
 
 U64 = np.uint64
@@ -92,26 +93,9 @@ def node_ids(table: pa.Table) -> Array:
     )
 
 
-def split(table: pa.Table, part: Array, n: int) -> list[pa.Table]:
-    """``table`` cut into ``n`` tables by ``part`` (values in ``[0, n)``), order kept."""
-    if n == 1:
-        return [table]
-    order = np.argsort(part, kind="stable")
-    ordered = table.take(pa.array(order)) if len(order) else table
-    bounds = np.searchsorted(part[order], np.arange(n + 1))
-    return [ordered.slice(int(bounds[i]), int(bounds[i + 1] - bounds[i])) for i in range(n)]
-
-
 def part_of(values: Array, n: int) -> Array:
     """Partition of 64-bit values; mixed first so that nodes and keys spread evenly."""
     return (splitmix64(values ^ U64(0x5851F42D4C957F2D)) % U64(n)).astype(np.int64)
-
-
-def concat(pieces: Sequence[pa.Table]) -> pa.Table:
-    live = [p for p in pieces if p.num_rows]
-    if not live:
-        return pieces[0].slice(0, 0)
-    return pa.concat_tables(live)
 
 
 def edge_table(u: Array, v: Array) -> pa.Table:
