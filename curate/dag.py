@@ -228,7 +228,7 @@ def _check_columns(
                     )
                 )
         for column, kind in stage.writes().items():
-            if column in available and available[column] != kind:
+            if column in available and not available[column].equals(kind):
                 issues.append(
                     line(
                         ("stages", name),

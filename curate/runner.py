@@ -65,6 +65,7 @@ from curate.lineage.commits import (
     write_commit,
 )
 from curate.registry import get_stage_class, load_plugins, plugin_locations
+from curate.shuffle import group_starts, hash_shuffle
 from curate.stage import (
     DECISION_SCHEMA,
     POS,
@@ -212,12 +213,10 @@ def _annotate(
             default = pc.cast(kept.column(fill.column), kind)
         else:
             default = pa.array([fill.value] * kept.num_rows, kind)
-        value = (
-            pc.take(decisions.column(name), pc.fill_null(where, 0))
-            if decisions.num_rows
-            else default
-        )
-        column = pc.if_else(found, value, default) if decisions.num_rows else default
+        column = default
+        if decisions.num_rows:
+            value = pc.take(decisions.column(name), pc.fill_null(where, 0))
+            column = pc.if_else(found, value, default)
         if name in kept.column_names:
             kept = kept.set_column(kept.column_names.index(name), name, column)
         else:
@@ -734,41 +733,22 @@ def _num_rows(layout: Layout, path: str) -> int:
 def write_decisions(
     blocks: list[Any], stage: str, schema: pa.Schema, layout: Layout, writers: int
 ) -> list[int]:
-    """Write a global stage's decisions, one file per unit, with two waves of Ray tasks
-    (split every block by unit, then each writer writes its units); returns the units."""
-    split: list[Any] = [
-        _split_units.options(num_returns=writers).remote(b, writers) for b in blocks
-    ]
-    pieces = [split] if writers == 1 else [[s[w] for s in split] for w in range(writers)]
-    written = [
-        _write_unit_decisions.remote(stage, schema, layout, *pieces[w]) for w in range(writers)
-    ]
+    """Write a global stage's decisions, one file per unit: a shuffle by unit over
+    ``writers`` tasks (:func:`curate.shuffle.hash_shuffle`); returns the units."""
+    write = functools.partial(_write_unit_decisions, stage, schema, layout)
+    written = hash_shuffle(blocks, UNIT, writers, write)
     return sorted(u for units in ray.get(written) for u in units)
 
 
-@ray.remote
-def _split_units(block: pa.Table, writers: int) -> Any:
-    if block.num_rows and UNIT not in block.column_names:
-        raise AccountingError(f"a global stage returned decisions without {UNIT!r}")
-    if block.num_rows == 0:
-        empty = pa.table({UNIT: pa.array([], pa.int64())})
-        return empty if writers == 1 else tuple(empty for _ in range(writers))
-    units = block.column(UNIT).to_numpy()
-    if writers == 1:
-        return block
-    part = units % writers
-    return tuple(block.filter(pa.array(part == w)) for w in range(writers))
-
-
-@ray.remote
-def _write_unit_decisions(stage: str, schema: pa.Schema, layout: Layout, *pieces: pa.Table) -> Any:
-    live = [p.select(schema.names).cast(schema) for p in pieces if p.num_rows]
-    if not live:
+def _write_unit_decisions(
+    stage: str, schema: pa.Schema, layout: Layout, table: pa.Table
+) -> list[int]:
+    if table.num_rows == 0:
         return []
-    table = pa.concat_tables(live).sort_by([(UNIT, "ascending"), (POS, "ascending")])
+    table = table.select(schema.names).cast(schema)
+    table = table.sort_by([(UNIT, "ascending"), (POS, "ascending")])
     units = table.column(UNIT).to_numpy()
-    starts = np.flatnonzero(np.r_[True, units[1:] != units[:-1]])
-    bounds = [*starts.tolist(), len(units)]
+    bounds = [*group_starts(units).tolist(), len(units)]
     out = []
     for lo, hi in itertools.pairwise(bounds):
         unit = int(units[lo])

@@ -31,29 +31,42 @@ def split(table: pa.Table, part: Array, n: int) -> list[pa.Table]:
 
 
 def concat(pieces: Sequence[pa.Table]) -> pa.Table:
-    """The pieces' rows in order; an empty piece (perhaps without columns) adds nothing."""
+    """The pieces' rows in order; an empty piece (perhaps without columns, as Ray Data
+    makes them) adds nothing."""
     live = [p for p in pieces if p.num_rows]
     if not live:
-        return pieces[0].slice(0, 0)
+        return next((p for p in pieces if p.num_columns), pieces[0]).slice(0, 0)
     return pa.concat_tables(live)
+
+
+def group_starts(keys: Array) -> Array:
+    """Index of the first row of every run of equal values of sorted ``keys``."""
+    if len(keys) == 0:
+        return np.zeros(0, dtype=np.int64)
+    return np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
 
 
 @ray.remote
 def _scatter(block: pa.Table, column: str, n: int) -> Any:
-    pieces = split(block, block.column(column).to_numpy().astype(np.int64), n)
+    if block.num_rows == 0:  # possibly schemaless: nothing to place
+        pieces = [block] * n
+    elif column not in block.column_names:
+        raise ValueError(f"rows to shuffle have no column {column!r}")
+    else:
+        pieces = split(block, block.column(column).to_numpy().astype(np.int64) % n, n)
     return pieces[0] if n == 1 else tuple(pieces)
 
 
 @ray.remote
-def _reduce(fn: Callable[[pa.Table], pa.Table], *pieces: pa.Table) -> pa.Table:
+def _reduce(fn: Callable[[pa.Table], Any], *pieces: pa.Table) -> Any:
     return fn(concat(pieces))
 
 
 def hash_shuffle(
-    blocks: Sequence[Any], column: str, n: int, fn: Callable[[pa.Table], pa.Table]
+    blocks: Sequence[Any], column: str, n: int, fn: Callable[[pa.Table], Any]
 ) -> list[Any]:
-    """Group the rows of ``blocks`` (object refs of tables) by the partition number in
-    ``column`` (``[0, n)``) and apply ``fn`` to each group; refs of the ``n`` results."""
+    """Group the rows of ``blocks`` (object refs of tables) by the non-negative integer
+    ``column`` modulo ``n`` and apply ``fn`` to each group; refs of the ``n`` results."""
     scattered: list[Any] = [_scatter.options(num_returns=n).remote(b, column, n) for b in blocks]
     parts = [scattered] if n == 1 else [[s[p] for s in scattered] for p in range(n)]
     return [_reduce.remote(fn, *parts[p]) for p in range(n)]

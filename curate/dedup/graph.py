@@ -42,7 +42,7 @@ from curate.dedup.minhash import (
     splitmix64,
     word_tokens,
 )
-from curate.shuffle import concat, split
+from curate.shuffle import concat, group_starts, split
 from curate.stage import POS, UNIT
 
 U64 = np.uint64
@@ -109,7 +109,7 @@ def uv(table: pa.Table) -> tuple[Array, Array]:
     )
 
 
-def unique_edges(u: Array, v: Array) -> tuple[Array, Array]:
+def unique_pairs(u: Array, v: Array) -> tuple[Array, Array]:
     """Distinct ``(u, v)`` pairs sorted by ``u`` then ``v``."""
     if len(u) == 0:
         return u, v
@@ -132,13 +132,6 @@ def fingerprint(u: Array, v: Array) -> tuple[int, int]:
     with np.errstate(over="ignore"):
         h = splitmix64(splitmix64(u) ^ v)
         return len(u), int(h.sum(dtype=U64))
-
-
-def group_starts(keys: Array) -> Array:
-    """Index of the first row of every run of equal values of sorted ``keys``."""
-    if len(keys) == 0:
-        return np.zeros(0, dtype=np.int64)
-    return np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
 
 
 def _outputs(pieces: list[pa.Table], stats: dict[str, Any]) -> tuple[Any, ...]:
@@ -206,7 +199,7 @@ def bucket_pairs(n: int, verify: bool, *pieces: pa.Table) -> tuple[Any, ...]:
             big = (size > ALL_PAIRS) & (rank > a)
             us.append(node[np.flatnonzero(big) - rank[big] + a])
             vs.append(node[big])
-    u, v = unique_edges(np.concatenate(us), np.concatenate(vs))
+    u, v = unique_pairs(np.concatenate(us), np.concatenate(vs))
     stats = {"buckets": int((sizes > 1).sum()), "bucket_rows": len(key)}
     if verify:
         return _outputs(split(edge_table(u, v), part_of(u, n), n), stats)
@@ -239,7 +232,7 @@ def _check_unique(docs: pa.Table) -> None:
 def attach_left(n: int, n_docs: int, *pieces: pa.Table) -> tuple[Any, ...]:
     """Verification, first half: give every edge the text of ``u``; send it to ``v``'s part."""
     docs, edges = concat(pieces[:n_docs]), concat(pieces[n_docs:])
-    u, v = unique_edges(*uv(edges))
+    u, v = unique_pairs(*uv(edges))
     text_u = docs.column("text").take(pa.array(_lookup(docs, u)))
     out = pa.table({"u": pa.array(u, pa.uint64()), "v": pa.array(v, pa.uint64()), "text_u": text_u})
     return _outputs(split(out, part_of(v, n), n), {"candidates": len(u)})
@@ -265,12 +258,7 @@ def _shingle_sets(text: pa.Array | pa.ChunkedArray, sign: SignatureSpec) -> tupl
     norm = normalize(text, sign.normalization())
     toks = word_tokens(norm) if sign.shingle == "word" else char_tokens(norm)
     sh = shingles(toks, sign.ngram)
-    doc, val = sh.doc, sh.values
-    order = np.lexsort((val, doc))
-    doc, val = doc[order], val[order]
-    keep = np.ones(len(doc), dtype=bool)
-    keep[1:] = (doc[1:] != doc[:-1]) | (val[1:] != val[:-1])
-    return doc[keep], val[keep]
+    return unique_pairs(sh.doc, sh.values)
 
 
 def jaccard(left: Any, right: Any, sign: SignatureSpec) -> Array:
@@ -308,7 +296,7 @@ def large_star(n: int, *pieces: pa.Table) -> tuple[Any, ...]:
     Returns ``n`` pieces for small-star (by the larger end), the labels ``(u, m(u))``
     of this partition's nodes, and the fingerprint of the input edge set.
     """
-    u, v = unique_edges(*uv(concat(pieces)))
+    u, v = unique_pairs(*uv(concat(pieces)))
     starts = group_starts(u)
     sizes = np.diff(np.r_[starts, len(u)])
     smallest = np.minimum(u[starts], v[starts])  # v sorted within u: v[starts] is min
@@ -326,7 +314,7 @@ def large_star(n: int, *pieces: pa.Table) -> tuple[Any, ...]:
 def small_star(n: int, *pieces: pa.Table) -> tuple[Any, ...]:
     """Edges ``(u, w)`` with ``u > w`` -> link ``u`` and its smaller neighbours to the
     smallest of them; out both ways for the next large-star."""
-    u, w = unique_edges(*uv(concat(pieces)))
+    u, w = unique_pairs(*uv(concat(pieces)))
     starts = group_starts(u)
     sizes = np.diff(np.r_[starts, len(u)])
     m = np.repeat(w[starts], sizes)

@@ -145,10 +145,10 @@ def _buffers(text: pa.Array) -> tuple[Array, Array]:
 
 def _powers(base: int, n: int) -> Array:
     """``base ** i`` mod 2^64 for ``i`` in ``[0, n)``."""
-    out = np.empty(max(n, 1), dtype=U64)
+    out = np.full(max(n, 1), base, dtype=U64)
     out[0] = 1
     with np.errstate(over="ignore"):
-        np.cumprod(np.full(n - 1, base, dtype=U64), out=out[1:n]) if n > 1 else None
+        np.cumprod(out, out=out)
     return out[:n]
 
 
