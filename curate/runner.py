@@ -306,7 +306,10 @@ def run_stage(
     kept = pa.concat_tables(kept_parts)
     rejects = pa.concat_tables(reject_parts)
     written = write_rejects(layout.rejects(name, unit), rejects, layout.opts)
-    return kept, stage_report(name, unit, rows_in, rejects, time.perf_counter() - start, written)
+    seconds = time.perf_counter() - start
+    return kept, stage_report(
+        name, unit, rows_in, rejects, seconds, written, details=stage.reason_details
+    )
 
 
 def _run_one(name: str, stage: Stage, part: pa.Table) -> tuple[pa.Table, pa.Table]:
@@ -323,7 +326,14 @@ def _run_one(name: str, stage: Stage, part: pa.Table) -> tuple[pa.Table, pa.Tabl
             raise AccountingError(
                 f"filter {name!r} decided {len(verdict.keep)} of {part.num_rows} rows"
             )
-        kept, dropped = split_by_mask(part, verdict.keep)
+        source = part
+        if verdict.batch is not None:
+            if verdict.batch.num_rows != part.num_rows:
+                raise AccountingError(
+                    f"filter {name!r} returned {verdict.batch.num_rows} of {part.num_rows} rows"
+                )
+            source = verdict.batch
+        kept, dropped = split_by_mask(source, verdict.keep)
         drop_mask = pa.array(~verdict.keep)
         value = verdict.value.filter(drop_mask) if verdict.value is not None else None
         return kept, build_rejects(name, dropped, verdict.reason.filter(drop_mask), value)

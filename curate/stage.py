@@ -92,6 +92,9 @@ class Stage(ABC):
     Config: ClassVar[type[StageConfig]] = StageConfig
     requires: ClassVar[tuple[Requirement, ...]] = ()
     default_resources: ClassVar[Resources] = Resources()
+    #: Whether the manifest counts drop reasons in full (``rule:detail`` names a
+    #: rule from a fixed set) rather than by category (the detail is an id).
+    reason_details: ClassVar[bool] = False
     #: Whether the stage cache keeps this stage's output unless the YAML says
     #: ``cache: false`` (true for expensive scorers whose output outlives thresholds).
     cache_default: ClassVar[bool] = False
@@ -129,11 +132,15 @@ class Verdict:
     ``reason`` is null for kept rows.  Reasons are ``category`` or
     ``category:detail``; counts in the manifest are kept per category.
     ``value`` is the measured value that decided (as text), null when none.
+    ``batch``, when set, replaces the input batch for the kept rows: the same
+    rows in the same order, with the columns of :meth:`Stage.writes` added or
+    (same type) rewritten, e.g. measurements kept as columns or cleaned text.
     """
 
     keep: np.ndarray[Any, np.dtype[np.bool_]]
     reason: pa.Array
     value: pa.Array | None = None
+    batch: pa.Table | None = None
 
 
 class Filter(Stage):
@@ -147,7 +154,9 @@ class Filter(Stage):
 
     def process_batch(self, batch: pa.Table) -> pa.Table:
         """The kept rows (pure; the runner uses :meth:`decide` to keep the rejects)."""
-        return batch.filter(pa.array(self.decide(batch).keep))
+        verdict = self.decide(batch)
+        out = verdict.batch if verdict.batch is not None else batch
+        return out.filter(pa.array(verdict.keep))
 
 
 #: Schema of a global stage's decisions: one row per dropped input row.

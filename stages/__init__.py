@@ -11,4 +11,8 @@ BUILTIN_STAGES: dict[str, str] = {
     "exact_dedup": "curate.stages.exact_dedup:ExactDedup",
     "minhash_dedup": "curate.stages.minhash_dedup:MinHashDedup",
     "image_filter": "curate.stages.image_filter:ImageFilter",
+    "gopher_quality": "curate.stages.quality_filters:GopherQuality",
+    "gopher_repetition": "curate.stages.quality_filters:GopherRepetition",
+    "c4_quality": "curate.stages.quality_filters:C4Quality",
+    "fineweb_quality": "curate.stages.quality_filters:FineWebQuality",
 }

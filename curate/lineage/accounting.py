@@ -69,9 +69,12 @@ def stage_report(
     rejects: pa.Table,
     seconds: float,
     rejects_file: dict[str, Any] | None,
+    details: bool = False,
 ) -> dict[str, Any]:
-    """Check and describe what ``stage`` did to ``unit``."""
-    reasons = Counter(reason_category(r) for r in rejects.column("reason").to_pylist())
+    """Check and describe what ``stage`` did to ``unit``; reasons are counted by
+    category, or in full when ``details`` (the stage's rule names are a fixed set)."""
+    raw = rejects.column("reason").to_pylist()
+    reasons = Counter(raw if details else (reason_category(r) for r in raw))
     report = StageReport(
         stage,
         unit,

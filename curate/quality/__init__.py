@@ -1,0 +1,1 @@
+"""Text quality: heuristic rules, language ID, fastText classifiers, n-gram LMs."""
