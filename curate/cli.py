@@ -157,6 +157,29 @@ def stages() -> None:
     out.print(table)
 
 
+@app.command("train-quality")
+def train_quality(spec: str) -> None:
+    """Train a fastText quality classifier (DCLM recipe by default) from a YAML spec."""
+    from curate.quality.train import run as train_run
+
+    try:
+        report = train_run(spec)
+    except ConfigError as exc:
+        _report(exc)
+        raise typer.Exit(1) from None
+    except (ValueError, OSError) as exc:
+        err.print(f"[bold red]error[/]: {exc}", markup=True, highlight=False)
+        raise typer.Exit(1) from None
+    held = report["holdout"]
+    table = Table(title=f"{report['name']}: held-out ({held['n']} texts, threshold 0.5)")
+    for col in ("precision", "recall", "accuracy"):
+        table.add_column(col, justify="right")
+    table.add_row(*(f"{held[c]:.4f}" for c in ("precision", "recall", "accuracy")))
+    out.print(table)
+    out.print(f"trained on {report['train_examples']}")
+    out.print(f"model: {report['model']} ({report['bytes']:,} bytes, sha256 {report['sha256']})")
+
+
 def main() -> None:
     app(args=sys.argv[1:], prog_name="curate")
 

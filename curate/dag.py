@@ -26,7 +26,10 @@ from curate.config.yamlpos import ConfigError, Issue, Loc
 from curate.io import storage
 from curate.io.files import InputError, Shard, infer_format, list_shards
 from curate.io.readers import declared_columns
+from curate.io.storage import StorageError
 from curate.io.webdataset import WEBDATASET_COLUMNS
+from curate.models import ModelError, ModelFile
+from curate.models import resolve as resolve_model
 from curate.registry import get_stage_class
 from curate.stage import POS, RESERVED_COLUMNS, UNIT, Stage, StageContext
 
@@ -66,11 +69,13 @@ class Plan:
     materialized_done: set[str] = field(default_factory=set)
     #: Columns arriving at each stage (for a multi-input stage: the union by name).
     input_columns: dict[str, dict[str, pa.DataType]] = field(default_factory=dict)
+    #: Resolved model files by (stage, role).
+    models: dict[tuple[str, str], ModelFile] = field(default_factory=dict)
 
 
-def instantiate(bound: BoundStage, seed: int) -> Stage:
+def instantiate(bound: BoundStage, seed: int, base_dir: str = ".") -> Stage:
     cls = get_stage_class(bound.type)
-    return cls(bound.config, StageContext(name=bound.name, seed=seed))
+    return cls(bound.config, StageContext(name=bound.name, seed=seed, base_dir=base_dir))
 
 
 def _consumers(pipeline: Pipeline) -> dict[str, list[str]]:
@@ -318,6 +323,19 @@ def _check_unused(
             issues.append(line((section, node), "output is never used: no stage or sink reads it"))
 
 
+def _check_models(plan: Plan, issues: list[Issue], line: Callable[[Loc, str], Issue]) -> None:
+    """Every model reference resolves to a readable file (fingerprinted once here)."""
+    opts = plan.pipeline.spec.storage.options()
+    for name, stage in plan.stages.items():
+        if any(d.missing() for d in stage.requires):
+            continue  # reported by the dependency check
+        for role, ref in stage.models().items():
+            try:
+                plan.models[name, role] = resolve_model(ref, plan.pipeline.base_dir, opts)
+            except (ModelError, StorageError) as exc:
+                issues.append(line(("stages", name, role), str(exc)))
+
+
 def build_plan(pipeline: Pipeline) -> Plan:
     """Check everything and cut the graph into segments; raise ConfigError with all issues."""
     line = pipeline.positions.issue
@@ -330,7 +348,8 @@ def build_plan(pipeline: Pipeline) -> Plan:
             )
         except InputError as exc:
             issues.append(line(("sources", name, "uri"), str(exc)))
-    stages = {n: instantiate(b, pipeline.spec.seed) for n, b in pipeline.stages.items()}
+    base = str(pipeline.base_dir)
+    stages = {n: instantiate(b, pipeline.spec.seed, base) for n, b in pipeline.stages.items()}
     plan = Plan(pipeline, stages, shards, {})
     for name in pipeline.spec.sources:
         plan.columns[name] = _source_columns(pipeline, name, shards.get(name, []), issues)
@@ -340,6 +359,7 @@ def build_plan(pipeline: Pipeline) -> Plan:
     _check_unions(pipeline, issues, line)
     _check_columns(plan, order, issues, line)
     _check_dependencies(plan, issues, line)
+    _check_models(plan, issues, line)
     if issues:
         raise ConfigError(issues)
     _cut_segments(plan, order)

@@ -112,6 +112,8 @@ class UnitRead:
     apply: str | None = None
     #: For ``apply``: the columns the global stage adds, their types and fills.
     annotate: tuple[tuple[str, pa.DataType, Fill], ...] = ()
+    #: For ``apply``: whether its drop reasons are counted in full (``reason_details``).
+    details: bool = False
     columns: tuple[str, ...] | None = None
     #: For a union of inputs: the schema every unit is conformed to.
     conform: dict[str, pa.DataType] | None = None
@@ -193,8 +195,9 @@ def _apply_decisions(table: pa.Table, task: UnitRead, layout: Layout, start: flo
         pc.take(drops.column("value"), order),
     )
     written = write_rejects(layout.rejects(stage, unit), rejects, layout.opts)
+    seconds = time.perf_counter() - start
     report = stage_report(
-        stage, unit, table.num_rows, rejects, time.perf_counter() - start, written
+        stage, unit, table.num_rows, rejects, seconds, written, details=task.details
     )
     if task.annotate:
         kept = _annotate(kept, decisions, task.annotate)
@@ -623,11 +626,15 @@ class Runner:
                             node=node,
                             apply=segment.apply,
                             annotate=self._annotations(segment.apply),
+                            details=self._details(segment.apply),
                             columns=columns,
                             conform=union,
                         )
                     )
         return sorted(reads, key=lambda r: r.unit.index)
+
+    def _details(self, name: str | None) -> bool:
+        return name is not None and self.plan.stages[name].reason_details
 
     def _annotations(self, name: str | None) -> tuple[tuple[str, pa.DataType, Fill], ...]:
         """The columns global stage ``name`` adds to the rows it keeps, with their fills."""

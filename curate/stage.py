@@ -83,6 +83,8 @@ class StageContext:
     name: str
     seed: int
     text_column: str = "text"
+    #: Folder relative paths in the stage's config (models) are resolved against.
+    base_dir: str = "."
 
 
 class Stage(ABC):
@@ -109,6 +111,11 @@ class Stage(ABC):
 
     def writes(self) -> Mapping[str, pa.DataType]:
         """Columns this stage adds, with their types."""
+        return {}
+
+    def models(self) -> Mapping[str, str]:
+        """Model references this stage loads, by role (``{"model": "lid.176"}``); the
+        DAG check resolves them and the manifest records their fingerprints."""
         return {}
 
     def setup(self) -> None:  # noqa: B027 - optional hook, empty by design

@@ -15,4 +15,10 @@ BUILTIN_STAGES: dict[str, str] = {
     "gopher_repetition": "curate.stages.quality_filters:GopherRepetition",
     "c4_quality": "curate.stages.quality_filters:C4Quality",
     "fineweb_quality": "curate.stages.quality_filters:FineWebQuality",
+    "lang_id": "curate.stages.fasttext_stages:LangId",
+    "lang_filter": "curate.stages.fasttext_stages:LangFilter",
+    "fasttext_quality": "curate.stages.fasttext_stages:FastTextQuality",
+    "score_filter": "curate.stages.score_filters:ScoreFilter",
+    "percentile_filter": "curate.stages.score_filters:PercentileFilter",
+    "percentile_bucket": "curate.stages.score_filters:PercentileBucket",
 }

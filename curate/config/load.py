@@ -115,11 +115,13 @@ def _rebase(key: str, value: Any, base_dir: Path) -> Any:
     """Paths on the command line are relative to the current folder, paths in the
     file to the file's folder: rewrite the former relative to the file's folder, so
     that the same files give the same provenance (and ids) whichever way they came."""
-    if key not in ("uri", "output"):
+    if key not in ("uri", "output", "model"):
         return value
     if isinstance(value, list):
         return [_rebase(key, v, base_dir) for v in value]
     if isinstance(value, str) and "://" not in value and not os.path.isabs(value):
+        if key == "model" and not os.path.exists(value):
+            return value  # a packaged model's name, not a path
         return os.path.relpath(Path(value).absolute(), base_dir)
     return value
 

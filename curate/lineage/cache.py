@@ -105,7 +105,8 @@ def chain_key(plan: Plan, node: str, units: dict[str, list[list[Any]]]) -> str:
             spec = dict(normalized["stages"][name])
             spec.pop("resources", None)
             spec.pop("cache", None)
-            chain[name] = {"stage": spec}
+            models = {r: m.sha256 for (s, r), m in sorted(plan.models.items()) if s == name}
+            chain[name] = {"stage": spec, "models": models}
     body = {
         "node": node,
         "chain": chain,

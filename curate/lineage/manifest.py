@@ -179,6 +179,10 @@ def build_manifest(
             "packages": package_versions(),
         },
         "inputs": inputs,
+        "models": [
+            {"stage": stage, "role": role, **model.describe()}
+            for (stage, role), model in sorted(plan.models.items())
+        ],
         "stages": stages,
         "outputs": outputs,
         "indexes": indexes,

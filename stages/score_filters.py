@@ -1,0 +1,337 @@
+"""Thresholds on score columns: absolute, or as global percentiles.
+
+* ``score_filter`` keeps rows whose score lies in ``[min, max]``.
+* ``percentile_filter`` keeps the top, bottom or middle fraction of a score,
+  over the whole dataset or per group (``by: lang``): DCLM's "top 10 % of
+  P(hq)", Perplexed-by-Perplexity's low / medium / high 50 %.
+* ``percentile_bucket`` labels every row by where its score falls among
+  global (per-group) percentiles: CCNet's head / middle / tail perplexity
+  buckets at the 30th and 60th percentiles.
+
+Percentiles are exact order statistics computed on Ray
+(:func:`curate.quantiles.order_statistics`, no sketch); the manifest's stage
+row records, per group, the number of scores, the fractions asked and the
+absolute thresholds they resolved to.  Ranks are 0-based over the ascending
+scores: the top fraction ``f`` keeps scores at or above the one at rank
+``floor((1-f)·n)``, the bottom fraction ``f`` scores at or below rank
+``ceil(f·n)-1``; ties at a threshold are all kept, so the kept share can
+exceed ``f`` by the size of the tie.  Null and NaN scores are dropped
+(``percentile_filter:missing``) or get a null bucket.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray.data
+from pydantic import Field, model_validator
+
+from curate.quality.heuristics import format_value
+from curate.quantiles import order_statistics
+from curate.stage import (
+    DECISION_SCHEMA,
+    POS,
+    UNIT,
+    Fill,
+    Filter,
+    GlobalStage,
+    StageConfig,
+    Verdict,
+    decision_schema,
+)
+
+
+class ScoreFilterConfig(StageConfig):
+    """Keep rows whose ``column`` lies in ``[min, max]`` (bounds inclusive, either
+    optional).  A null or NaN score is dropped (``score_filter:missing``)."""
+
+    column: str
+    min: float | None = None
+    max: float | None = None
+
+    @model_validator(mode="after")
+    def _bounds(self) -> ScoreFilterConfig:
+        if self.min is None and self.max is None:
+            raise ValueError("give min and/or max")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min ({self.min}) must not exceed max ({self.max})")
+        return self
+
+
+class ScoreFilter(Filter):
+    """Absolute thresholds on a score column (``score_filter:below_min|above_max``)."""
+
+    Config: ClassVar[type[StageConfig]] = ScoreFilterConfig
+    config: ScoreFilterConfig
+    reason_details: ClassVar[bool] = True
+
+    def reads(self) -> Sequence[str]:
+        return (self.config.column,)
+
+    def decide(self, batch: pa.Table) -> Verdict:
+        c = self.config
+        col = batch.column(c.column)
+        score = col.to_numpy(zero_copy_only=False).astype(np.float64)
+        n = batch.num_rows
+        reason = np.full(n, None, dtype=object)
+        value = np.full(n, None, dtype=object)
+        missing = np.isnan(score)
+        reason[missing] = "score_filter:missing"
+        if c.min is not None:
+            hit = ~missing & (score < c.min)
+            reason[hit] = "score_filter:below_min"
+        if c.max is not None:
+            hit = ~missing & (score > c.max)
+            reason[hit] = "score_filter:above_max"
+        dropped = (reason != None) & ~missing  # noqa: E711 - elementwise
+        value[dropped] = [format_value(v) for v in score[dropped]]
+        keep = np.asarray(reason == None, dtype=bool)  # noqa: E711
+        return Verdict(keep, pa.array(reason, pa.string()), pa.array(value, pa.string()))
+
+
+# --------------------------------------------------------------------------------------
+
+
+class PercentileFilterConfig(StageConfig):
+    """Exactly one of ``top_fraction``, ``bottom_fraction``, ``middle_fraction``.
+    ``rule`` is the Perplexed-by-Perplexity spelling: ``low``, ``medium`` or
+    ``high`` keep the bottom, middle or top ``fraction``."""
+
+    column: str
+    by: str | None = None
+    top_fraction: float | None = Field(None, gt=0, le=1)
+    bottom_fraction: float | None = Field(None, gt=0, le=1)
+    middle_fraction: float | None = Field(None, gt=0, le=1)
+    rule: Literal["low", "medium", "high"] | None = None
+    fraction: float | None = Field(None, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _one(self) -> PercentileFilterConfig:
+        given = [
+            f
+            for f in ("top_fraction", "bottom_fraction", "middle_fraction", "rule")
+            if getattr(self, f) is not None
+        ]
+        if len(given) != 1:
+            raise ValueError(
+                "give exactly one of top_fraction, bottom_fraction, middle_fraction, rule; "
+                f"got {given or 'none'}"
+            )
+        if (self.rule is None) != (self.fraction is None):
+            raise ValueError("rule and fraction go together")
+        return self
+
+    def quantiles(self) -> tuple[float | None, float | None]:
+        """(lower, upper) quantile of the kept range; None for an open end."""
+        top, bottom, middle = self.top_fraction, self.bottom_fraction, self.middle_fraction
+        if self.rule is not None:
+            top = self.fraction if self.rule == "high" else None
+            bottom = self.fraction if self.rule == "low" else None
+            middle = self.fraction if self.rule == "medium" else None
+        if top is not None:
+            return (1 - top if top < 1 else None), None
+        if bottom is not None:
+            return None, (bottom if bottom < 1 else None)
+        assert middle is not None
+        return (1 - middle) / 2, (1 + middle) / 2
+
+
+class _Percentiles(GlobalStage):
+    """Shared: resolve thresholds with an exact distributed selection."""
+
+    config: Any
+
+    def reads(self) -> Sequence[str]:
+        by = (self.config.by,) if self.config.by else ()
+        return (self.config.column, *by)
+
+    def wanted(self) -> list[float]:
+        raise NotImplementedError
+
+    def resolve(self, keys: ray.data.Dataset) -> tuple[list[Any], dict[str, dict[str, Any]]]:
+        cols = [UNIT, POS, *self.reads()]
+        refs = keys.select_columns(cols).to_arrow_refs()
+        stats = order_statistics(refs, self.config.column, self.config.by, self.wanted())
+        return refs, stats
+
+    def groups(self, block: pa.Table) -> np.ndarray[Any, Any]:
+        if not self.config.by:
+            return np.full(block.num_rows, "", dtype=object)
+        col = pc.fill_null(pc.cast(block.column(self.config.by), pa.string()), "")
+        return np.asarray(col.to_numpy(zero_copy_only=False), dtype=object)
+
+
+class PercentileFilter(_Percentiles):
+    """Keeps a global (per-group) fraction of rows by score."""
+
+    Config: ClassVar[type[StageConfig]] = PercentileFilterConfig
+    config: PercentileFilterConfig
+    reason_details: ClassVar[bool] = True
+
+    def wanted(self) -> list[float]:
+        return [q for q in self.config.quantiles() if q is not None]
+
+    def plan(self, keys: ray.data.Dataset) -> ray.data.Dataset:
+        refs, stats = self.resolve(keys)
+        q_lo, q_hi = self.config.quantiles()
+        bounds: dict[str, tuple[float, float]] = {}
+        summary: dict[str, Any] = {}
+        for group, s in stats.items():
+            lo = s[str(q_lo)]["lo"] if q_lo is not None else -np.inf
+            hi = s[str(q_hi)]["hi"] if q_hi is not None else np.inf
+            bounds[group] = (lo, hi)
+            summary[group] = {
+                "n": s["n"],
+                "lower_quantile": q_lo,
+                "lower_threshold": None if q_lo is None else lo,
+                "upper_quantile": q_hi,
+                "upper_threshold": None if q_hi is None else hi,
+            }
+        self.summary = {"column": self.config.column, "by": self.config.by, "groups": summary}
+        decide = ray.remote(_filter_block)
+        parts: list[Any] = [
+            decide.remote(ref, self.config.column, self.config.by, bounds) for ref in refs
+        ]
+        return (
+            ray.data.from_arrow_refs(parts)
+            if parts
+            else ray.data.from_arrow(DECISION_SCHEMA.empty_table())
+        )
+
+
+def _filter_block(
+    block: pa.Table, column: str, by: str | None, bounds: dict[str, tuple[float, float]]
+) -> pa.Table:
+    scores = block.column(column).to_numpy(zero_copy_only=False).astype(np.float64)
+    if by:
+        col = pc.fill_null(pc.cast(block.column(by), pa.string()), "")
+        groups = np.asarray(col.to_numpy(zero_copy_only=False), dtype=object)
+    else:
+        groups = np.full(block.num_rows, "", dtype=object)
+    lo = np.array([bounds.get(g, (np.inf, -np.inf))[0] for g in groups], dtype=np.float64)
+    hi = np.array([bounds.get(g, (np.inf, -np.inf))[1] for g in groups], dtype=np.float64)
+    missing = np.isnan(scores)
+    below = ~missing & (scores < lo)
+    above = ~missing & (scores > hi)
+    drop = missing | below | above
+    reason = np.where(
+        missing,
+        "percentile_filter:missing",
+        np.where(below, "percentile_filter:below", "percentile_filter:above"),
+    )
+    value = np.array([format_value(v) for v in scores[drop]], dtype=object)
+    value[missing[drop]] = None
+    take = pa.array(np.flatnonzero(drop))
+    return pa.table(
+        {
+            UNIT: block.column(UNIT).take(take),
+            POS: block.column(POS).take(take),
+            "reason": pa.array(reason[drop], pa.string()),
+            "value": pa.array(value, pa.string()),
+        },
+        schema=DECISION_SCHEMA,
+    )
+
+
+class PercentileBucketConfig(StageConfig):
+    """``cuts``: ascending quantiles that separate the buckets, ``names``: one more
+    name than cuts.  CCNet: cuts 0.3 and 0.6, names head / middle / tail, over
+    perplexity per language.  A score goes to the first bucket whose cut value
+    it is strictly below (CCNet's ``<``)."""
+
+    column: str
+    by: str | None = None
+    cuts: list[float] = Field(default_factory=lambda: [0.3, 0.6])
+    names: list[str] = Field(default_factory=lambda: ["head", "middle", "tail"])
+    output: str = "bucket"
+
+    @model_validator(mode="after")
+    def _shape(self) -> PercentileBucketConfig:
+        if len(self.names) != len(self.cuts) + 1:
+            raise ValueError(f"{len(self.cuts)} cuts need {len(self.cuts) + 1} names")
+        if any(not 0 < c < 1 for c in self.cuts) or self.cuts != sorted(set(self.cuts)):
+            raise ValueError("cuts must be increasing quantiles strictly between 0 and 1")
+        return self
+
+
+class PercentileBucket(_Percentiles):
+    """Adds ``output`` (default ``bucket``): the percentile bucket of each row's score."""
+
+    Config: ClassVar[type[StageConfig]] = PercentileBucketConfig
+    config: PercentileBucketConfig
+
+    def writes(self) -> Mapping[str, pa.DataType]:
+        return {self.config.output: pa.string()}
+
+    def fills(self) -> Mapping[str, Fill]:
+        return {self.config.output: Fill(value=None)}
+
+    def wanted(self) -> list[float]:
+        return list(self.config.cuts)
+
+    def plan(self, keys: ray.data.Dataset) -> ray.data.Dataset:
+        refs, stats = self.resolve(keys)
+        cuts: dict[str, list[float]] = {}
+        summary: dict[str, Any] = {}
+        for group, s in stats.items():
+            cuts[group] = [s[str(q)]["lo"] for q in self.config.cuts]
+            summary[group] = {
+                "n": s["n"],
+                "cuts": dict(zip(map(str, self.config.cuts), cuts[group], strict=True)),
+            }
+        self.summary = {"column": self.config.column, "by": self.config.by, "groups": summary}
+        schema = decision_schema(self)
+        label = ray.remote(_bucket_block)
+        parts: list[Any] = [
+            label.remote(
+                ref,
+                self.config.column,
+                self.config.by,
+                cuts,
+                self.config.names,
+                self.config.output,
+                schema,
+            )
+            for ref in refs
+        ]
+        return (
+            ray.data.from_arrow_refs(parts) if parts else ray.data.from_arrow(schema.empty_table())
+        )
+
+
+def _bucket_block(
+    block: pa.Table,
+    column: str,
+    by: str | None,
+    cuts: dict[str, list[float]],
+    names: list[str],
+    output: str,
+    schema: pa.Schema,
+) -> pa.Table:
+    scores = block.column(column).to_numpy(zero_copy_only=False).astype(np.float64)
+    if by:
+        col = pc.fill_null(pc.cast(block.column(by), pa.string()), "")
+        groups = np.asarray(col.to_numpy(zero_copy_only=False), dtype=object)
+    else:
+        groups = np.full(block.num_rows, "", dtype=object)
+    labels = np.full(block.num_rows, None, dtype=object)
+    for g in np.unique(groups):
+        rows = (groups == g) & ~np.isnan(scores)
+        edges = np.asarray(cuts.get(str(g), []), dtype=np.float64)
+        index = np.searchsorted(edges, scores[rows], side="right")
+        labels[rows] = np.asarray(names, dtype=object)[index]
+    n = block.num_rows
+    return pa.table(
+        {
+            UNIT: block.column(UNIT),
+            POS: block.column(POS),
+            "reason": pa.nulls(n, pa.string()),
+            "value": pa.nulls(n, pa.string()),
+            output: pa.array(labels, pa.string()),
+        },
+        schema=schema,
+    )
