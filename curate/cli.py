@@ -180,6 +180,36 @@ def train_quality(spec: str) -> None:
     out.print(f"model: {report['model']} ({report['bytes']:,} bytes, sha256 {report['sha256']})")
 
 
+@app.command("train-lm")
+def train_lm(
+    uris: Annotated[list[str], typer.Argument(help="Text sources: files, globs, s3:// URIs")],
+    output: Annotated[str, typer.Option("--output", "-o", help="ARPA file to write")],
+    order: Annotated[int, typer.Option(help="n-gram order")] = 3,
+    text_column: Annotated[str, typer.Option(help="Field holding the text")] = "text",
+    max_docs: Annotated[int | None, typer.Option(help="Use at most this many texts")] = None,
+) -> None:
+    """Train an n-gram LM (modified Kneser-Ney, ARPA) on CCNet-normalized text, for
+    the perplexity stage."""
+    import itertools
+    from pathlib import Path
+
+    from curate.config.model import SourceSpec
+    from curate.quality.perplexity import train_lm as train
+    from curate.quality.train import read_texts
+
+    sources = [SourceSpec(uri=u, text_column=text_column) for u in uris]
+    texts = itertools.islice(read_texts(sources, Path.cwd(), "lm"), max_docs)
+    try:
+        stats = train(texts, output, order)
+    except (ValueError, OSError) as exc:
+        err.print(f"[bold red]error[/]: {exc}", markup=True, highlight=False)
+        raise typer.Exit(1) from None
+    out.print(
+        f"{output}: order {stats['order']}, n-grams {stats['ngrams']}, "
+        f"{stats['tokens']:,} tokens in {stats['sentences']:,} lines"
+    )
+
+
 def main() -> None:
     app(args=sys.argv[1:], prog_name="curate")
 

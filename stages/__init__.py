@@ -18,6 +18,7 @@ BUILTIN_STAGES: dict[str, str] = {
     "lang_id": "curate.stages.fasttext_stages:LangId",
     "lang_filter": "curate.stages.fasttext_stages:LangFilter",
     "fasttext_quality": "curate.stages.fasttext_stages:FastTextQuality",
+    "perplexity": "curate.stages.fasttext_stages:Perplexity",
     "score_filter": "curate.stages.score_filters:ScoreFilter",
     "percentile_filter": "curate.stages.score_filters:PercentileFilter",
     "percentile_bucket": "curate.stages.score_filters:PercentileBucket",

@@ -167,3 +167,51 @@ class LangFilter(Filter):
         value[low] = [format_value(v) for v in score[low]]
         keep = np.asarray(reason == None, dtype=bool)  # noqa: E711
         return Verdict(keep, pa.array(reason, pa.string()), pa.array(value, pa.string()))
+
+
+# --------------------------------------------------------------------------------------
+
+
+class PerplexityConfig(StageConfig):
+    #: An ARPA or KenLM binary model (path or s3:// URI), trained on text normalized the
+    #: same way (``curate train-lm``).
+    model: str
+    column: str = "perplexity"
+
+
+class Perplexity(Annotator):
+    """Adds CCNet's document perplexity under a KenLM model (``perplexity``).
+
+    Lower is more like the model's training text.  Threshold it with
+    ``percentile_bucket`` (CCNet's head / middle / tail per language) or
+    ``percentile_filter`` (Perplexed by Perplexity's low / medium / high).
+    """
+
+    Config: ClassVar[type[StageConfig]] = PerplexityConfig
+    config: PerplexityConfig
+    requires: ClassVar[tuple[Requirement, ...]] = (Requirement("kenlm", "kenlm"),)
+    cache_default: ClassVar[bool] = True
+    lm: Any = None
+
+    def models(self) -> Mapping[str, str]:
+        return {"model": self.config.model}
+
+    def reads(self) -> Sequence[str]:
+        return ("text",)
+
+    def writes(self) -> Mapping[str, pa.DataType]:
+        return {self.config.column: pa.float64()}
+
+    def setup(self) -> None:
+        if self.lm is None:
+            import kenlm
+
+            self.lm = kenlm.Model(local_path(self.config.model, self.context.base_dir))
+
+    def process_batch(self, batch: pa.Table) -> pa.Table:
+        from curate.quality.perplexity import doc_perplexity, normalize
+
+        self.setup()
+        texts = normalize(batch.column("text")).to_pylist()
+        scores, _ = doc_perplexity(self.lm, texts)
+        return _set(batch, self.config.column, pa.array(scores, pa.float64(), from_pandas=True))

@@ -320,3 +320,40 @@ def test_text_quality_pipeline(
     cut = stages["bucket"]["summary"]["groups"][""]["cuts"]["0.5"]
     for b, w in zip(buckets, kept.column("gopher_mean_word_length").to_pylist(), strict=True):
         assert (b == "low") == (w < cut)
+
+
+# --------------------------------------------------------------------------------------
+# perplexity
+
+
+def test_normalization_like_ccnet() -> None:
+    from curate.quality.perplexity import normalize
+
+    got = normalize(pa.array(["Héllo, “World” 1234 — ok…\nSecond LINE\x07", None]))
+    assert got.to_pylist() == ['hello, "world" 0000  -  ok...\nsecond line', ""]
+
+
+def test_train_lm_and_perplexity_stage(tmp_path: Path) -> None:
+    import kenlm
+    from curate.stages.fasttext_stages import Perplexity
+
+    rng = random.Random(3)
+    write_jsonl(tmp_path / "lm.jsonl", [{"text": t} for t in prose(rng, 400)])
+    result = CliRunner().invoke(
+        app, ["train-lm", str(tmp_path / "lm.jsonl"), "-o", str(tmp_path / "lm.arpa")]
+    )
+    assert result.exit_code == 0, result.output
+    assert "order 3" in result.output
+    ctx = StageContext("ppl", 0, base_dir=str(tmp_path))
+    stage = Perplexity(Perplexity.Config(model="lm.arpa"), ctx)
+    texts = [*prose(rng, 10), *junk(rng, 10), "", "Two lines.\nOf text here."]
+    out = stage.process_batch(pa.table({"text": texts}))
+    ppl = out.column("perplexity").to_pylist()
+    assert max(ppl[:10]) < min(ppl[10:20])
+    assert ppl[20] is None  # no words: no perplexity
+    # CCNet's formula, by hand: 10 ** (-sum log10 P(line) / sum(len(line) + 1))
+    lm = kenlm.Model(str(tmp_path / "lm.arpa"))
+    logs = lm.score("two lines.", bos=True, eos=True) + lm.score(
+        "of text here.", bos=True, eos=True
+    )
+    assert ppl[21] == pytest.approx(10 ** (-logs / (2 + 1 + 3 + 1)))

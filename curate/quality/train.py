@@ -69,13 +69,19 @@ def load_spec(path: str) -> tuple[TrainSpec, Path]:
     return spec, Path(path).resolve().parent
 
 
-def texts(side: Side, base_dir: Path, name: str) -> Iterator[str]:
-    """Every text of a side's sources, in source and shard order."""
-    for i, source in enumerate(side.sources):
+def read_texts(sources: list[SourceSpec], base_dir: Path, name: str) -> Iterator[str]:
+    """Every non-empty text of ``sources``, in source and shard order (bad rows are
+    skipped here: training reads, it does not curate)."""
+    for i, source in enumerate(sources):
         shards = list_shards(source.uri, base_dir, LOCAL)
         for unit in plan_units(f"{name}{i}", shards, 64 << 20, 0):
             table, _, _ = read_unit(unit, source)
             yield from (t for t in table.column("text").to_pylist() if t)
+
+
+def texts(side: Side, base_dir: Path, name: str) -> Iterator[str]:
+    """Every text of a side's sources, in source and shard order."""
+    return read_texts(side.sources, base_dir, name)
 
 
 def _sample(items: list[str], cap: int | None, seed: int) -> list[str]:
