@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.curate-installed
 
-.PHONY: setup demo test check lint types pytest bench lock clean
+.PHONY: setup demo test check lint types pytest bench lock clean text-quality
 
 setup: $(STAMP)
 
@@ -18,6 +18,15 @@ $(STAMP): requirements/lock.txt requirements/nodeps.txt pyproject.toml
 demo: setup
 	$(BIN)/curate run pipelines/demo_text.yaml --output out/demo_text --overwrite
 	$(BIN)/curate run pipelines/demo_image_text.yaml --output out/demo_image_text --overwrite
+
+# The text quality stack on real data: fetch Debian descriptions (apt) and build the
+# low-quality set, train the quality classifier and the n-gram LM, run the pipeline.
+TQ := bench/data/text_quality
+text-quality: setup
+	$(BIN)/python bench/text_quality_data.py
+	$(BIN)/curate train-quality pipelines/text_quality/quality_model.yaml
+	$(BIN)/curate train-lm $(TQ)/en.jsonl -o $(TQ)/models/en.arpa --order 3 --max-docs 20000
+	$(BIN)/curate run pipelines/text_quality.yaml --output out/text_quality --overwrite
 
 lint: setup
 	$(BIN)/ruff check .

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pyarrow as pa
 
@@ -348,7 +349,7 @@ def build_plan(pipeline: Pipeline) -> Plan:
             )
         except InputError as exc:
             issues.append(line(("sources", name, "uri"), str(exc)))
-    base = str(pipeline.base_dir)
+    base = str(Path(pipeline.base_dir).resolve())
     stages = {n: instantiate(b, pipeline.spec.seed, base) for n, b in pipeline.stages.items()}
     plan = Plan(pipeline, stages, shards, {})
     for name in pipeline.spec.sources:

@@ -21,6 +21,7 @@ import os
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -415,16 +416,19 @@ class StageRef:
     type: str
     params: dict[str, Any]
     batch_size: int | None
+    #: Absolute folder the stage's relative paths (models) are resolved against.
+    base_dir: str = "."
 
     @classmethod
-    def of(cls, bound: BoundStage) -> StageRef:
+    def of(cls, bound: BoundStage, base_dir: str = ".") -> StageRef:
         params = bound.config.model_dump(mode="json", by_alias=True)
-        return cls(bound.name, bound.type, params, bound.resources.batch_size)
+        return cls(bound.name, bound.type, params, bound.resources.batch_size, base_dir)
 
     def build(self, seed: int) -> Stage:
         stage_cls = get_stage_class(self.type)
         config = stage_cls.Config.model_validate(self.params)
-        return stage_cls(config, StageContext(name=self.name, seed=seed))
+        context = StageContext(name=self.name, seed=seed, base_dir=self.base_dir)
+        return stage_cls(config, context)
 
 
 class StageGroup:
@@ -673,13 +677,14 @@ class Runner:
         ds = self._dataset(reads)
         targets = self._targets(segment)
         groups = segment.groups
+        base = str(Path(self.plan.pipeline.base_dir).resolve())
         for i, group in enumerate(groups):
             bound = [self.plan.pipeline.stages[n] for n in group]
             last = i == len(groups) - 1
             ds = ds.map_batches(
                 StageGroup,
                 fn_constructor_args=(
-                    [StageRef.of(b) for b in bound],
+                    [StageRef.of(b, base) for b in bound],
                     self.plan.pipeline.spec.seed,
                     self.layout,
                     targets if last else [],

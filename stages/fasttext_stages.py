@@ -120,20 +120,27 @@ class LangFilterConfig(StageConfig):
     min_score: float | dict[str, float] | None = None
     default_score: float = Field(0.0, ge=0, le=1)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_preset(cls, data: Any) -> Any:
+        """Fill the preset's values into the fields the YAML leaves out (so the
+        normalized spec in the manifest shows the values that ran)."""
+        if isinstance(data, dict):
+            presets: dict[str, dict[str, Any]] = {
+                "fineweb": {"languages": ["en"], "min_score": 0.65},
+                "ccnet": {"min_score": 0.5},
+            }
+            return {**presets.get(data.get("preset") or "", {}), **data}
+        return data
+
     @model_validator(mode="after")
-    def _preset(self) -> LangFilterConfig:
-        if self.preset is None and self.languages is None and self.min_score is None:
+    def _given(self) -> LangFilterConfig:
+        if self.languages is None and self.min_score is None:
             raise ValueError("give languages and/or min_score, or a preset (fineweb, ccnet)")
         return self
 
     def resolved(self) -> tuple[list[str] | None, float | dict[str, float]]:
-        languages, score = self.languages, self.min_score
-        if self.preset == "fineweb":
-            languages = ["en"] if "languages" not in self.model_fields_set else languages
-            score = 0.65 if score is None else score
-        elif self.preset == "ccnet":
-            score = 0.5 if score is None else score
-        return languages, 0.0 if score is None else score
+        return self.languages, 0.0 if self.min_score is None else self.min_score
 
 
 class LangFilter(Filter):

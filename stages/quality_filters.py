@@ -358,22 +358,19 @@ class FineWebQualityConfig(_HeuristicConfig):
     line_punct_exclude_zero: bool = False
     short_line_thr: Ratio | None = Field(0.67, ge=0, le=1)
     short_line_length: int = Field(30, ge=0)
-    char_duplicates_ratio: Ratio | None = Field(None, ge=0)
-    new_line_ratio: Ratio | None = Field(None, ge=0)
-    inclusive: bool | None = None
+    char_duplicates_ratio: Ratio | None = Field(0.01, ge=0)
+    new_line_ratio: Ratio | None = Field(0.3, ge=0)
+    inclusive: bool = False
 
-    def resolved(self) -> tuple[float | None, float | None, bool]:
-        """(char_duplicates_ratio, new_line_ratio, inclusive) after the preset."""
-        paper = self.preset == "paper"
-        fields = self.model_fields_set
-        dup = self.char_duplicates_ratio
-        if "char_duplicates_ratio" not in fields:
-            dup = 0.1 if paper else 0.01
-        lists = self.new_line_ratio
-        if "new_line_ratio" not in fields:
-            lists = None if paper else 0.3
-        inclusive = self.inclusive if self.inclusive is not None else paper
-        return dup, lists, inclusive
+    @model_validator(mode="before")
+    @classmethod
+    def _preset(cls, data: Any) -> Any:
+        """Fill the preset's values into the fields the YAML leaves out (so the
+        normalized spec in the manifest shows the values that ran)."""
+        if isinstance(data, dict) and data.get("preset") == "paper":
+            paper = {"char_duplicates_ratio": 0.1, "new_line_ratio": None, "inclusive": True}
+            return {**paper, **data}
+        return data
 
 
 class FineWebQuality(_Heuristic):
@@ -396,9 +393,9 @@ class FineWebQuality(_Heuristic):
 
     def rules(self) -> Sequence[Rule]:
         c = self.config
-        dup, lists, inclusive = c.resolved()
-        low: Op = "<=" if inclusive else "<"
-        high: Op = ">=" if inclusive else ">"
+        dup, lists = c.char_duplicates_ratio, c.new_line_ratio
+        low: Op = "<=" if c.inclusive else "<"
+        high: Op = ">=" if c.inclusive else ">"
         return (
             Rule("empty", 0, "<", 1),
             Rule("line_punct_ratio", 1, low, c.line_punct_thr),

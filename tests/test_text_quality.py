@@ -357,3 +357,20 @@ def test_train_lm_and_perplexity_stage(tmp_path: Path) -> None:
         "of text here.", bos=True, eos=True
     )
     assert ppl[21] == pytest.approx(10 ** (-logs / (2 + 1 + 3 + 1)))
+
+
+def test_presets_survive_a_round_trip_to_the_workers() -> None:
+    """Workers rebuild configs from their JSON dump: a preset must mean the same there."""
+    from curate.stages.quality_filters import FineWebQuality
+
+    for cls, fields in (
+        (LangFilter, {"preset": "fineweb"}),
+        (FineWebQuality, {"preset": "paper"}),
+        (FineWebQuality, {"preset": "paper", "char_duplicates_ratio": 0.05}),
+    ):
+        cfg = cls.Config(**fields)
+        again = cls.Config.model_validate(cfg.model_dump(mode="json"))
+        assert again == cfg
+    assert LangFilter.Config(preset="fineweb").languages == ["en"]
+    assert FineWebQuality.Config(preset="paper").char_duplicates_ratio == 0.1
+    assert FineWebQuality.Config(preset="paper", new_line_ratio=0.5).new_line_ratio == 0.5
