@@ -52,6 +52,11 @@ def predict_label(model: Any, texts: Sequence[str], label: str) -> Array:
     """P(``label``) per text, from the full distribution over the model's labels."""
     full = LABEL_PREFIX + label
     k = len(model.get_labels())
+    if k == 2:  # binary (DCLM): the top label's probability gives the other's
+        top, p = model.predict(list(texts), k=1)
+        pos = np.array([bool(t) and t[0] == full for t in top])
+        first = np.array([float(x[0]) if len(x) else 0.0 for x in p], dtype=np.float64)
+        return np.clip(np.where(pos, first, 1.0 - first), 0.0, 1.0)
     labels, probs = model.predict(list(texts), k=k)
     out = np.zeros(len(texts), dtype=np.float64)
     for i, (labs, ps) in enumerate(zip(labels, probs, strict=True)):

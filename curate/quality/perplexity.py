@@ -56,11 +56,11 @@ def doc_perplexity(model: Any, texts: Iterable[str]) -> tuple[np.ndarray[Any, An
         log_sum = 0.0
         length = 0
         for line in text.split("\n"):
-            tokens = line.split()
-            if not tokens:
+            n = len(line.split())
+            if not n:
                 continue
-            log_sum += model.score(" ".join(tokens), bos=True, eos=True)
-            length += len(tokens) + 1
+            log_sum += model.score(line, bos=True, eos=True)  # KenLM splits on whitespace
+            length += n + 1
         words += length
         scores.append(10.0 ** (-log_sum / length) if length else math.nan)
     return np.asarray(scores, dtype=np.float64), words
