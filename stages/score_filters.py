@@ -158,11 +158,17 @@ class _Percentiles(GlobalStage):
         stats = order_statistics(refs, self.config.column, self.config.by, self.wanted())
         return refs, stats
 
-    def groups(self, block: pa.Table) -> np.ndarray[Any, Any]:
-        if not self.config.by:
-            return np.full(block.num_rows, "", dtype=object)
-        col = pc.fill_null(pc.cast(block.column(self.config.by), pa.string()), "")
-        return np.asarray(col.to_numpy(zero_copy_only=False), dtype=object)
+
+def _scores_and_groups(
+    block: pa.Table, column: str, by: str | None
+) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
+    """The scores as float64 (null -> NaN) and each row's group ("" without ``by``;
+    a null group value is the group "")."""
+    scores = block.column(column).to_numpy(zero_copy_only=False).astype(np.float64)
+    if not by:
+        return scores, np.full(block.num_rows, "", dtype=object)
+    col = pc.fill_null(pc.cast(block.column(by), pa.string()), "")
+    return scores, np.asarray(col.to_numpy(zero_copy_only=False), dtype=object)
 
 
 class PercentileFilter(_Percentiles):
@@ -206,12 +212,7 @@ class PercentileFilter(_Percentiles):
 def _filter_block(
     block: pa.Table, column: str, by: str | None, bounds: dict[str, tuple[float, float]]
 ) -> pa.Table:
-    scores = block.column(column).to_numpy(zero_copy_only=False).astype(np.float64)
-    if by:
-        col = pc.fill_null(pc.cast(block.column(by), pa.string()), "")
-        groups = np.asarray(col.to_numpy(zero_copy_only=False), dtype=object)
-    else:
-        groups = np.full(block.num_rows, "", dtype=object)
+    scores, groups = _scores_and_groups(block, column, by)
     lo = np.array([bounds.get(g, (np.inf, -np.inf))[0] for g in groups], dtype=np.float64)
     hi = np.array([bounds.get(g, (np.inf, -np.inf))[1] for g in groups], dtype=np.float64)
     missing = np.isnan(scores)
@@ -312,12 +313,7 @@ def _bucket_block(
     output: str,
     schema: pa.Schema,
 ) -> pa.Table:
-    scores = block.column(column).to_numpy(zero_copy_only=False).astype(np.float64)
-    if by:
-        col = pc.fill_null(pc.cast(block.column(by), pa.string()), "")
-        groups = np.asarray(col.to_numpy(zero_copy_only=False), dtype=object)
-    else:
-        groups = np.full(block.num_rows, "", dtype=object)
+    scores, groups = _scores_and_groups(block, column, by)
     labels = np.full(block.num_rows, None, dtype=object)
     for g in np.unique(groups):
         rows = (groups == g) & ~np.isnan(scores)

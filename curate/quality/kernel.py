@@ -404,6 +404,25 @@ def _split_piece(  # pragma: no cover - compiled
 
 
 @numba.njit(cache=True)
+def _split_count(cp: Array, a: int, b: int, cls: Array) -> tuple[int, int]:  # pragma: no cover
+    """``str.split()`` of ``cp[a:b]``: the number of pieces and the longest one's length."""
+    n = 0
+    longest = 0
+    i = a
+    while i < b:
+        while i < b and _has(cls, cp[i], SPACE):
+            i += 1
+        j = i
+        while j < b and not _has(cls, cp[j], SPACE):
+            j += 1
+        if j > i:
+            n += 1
+            longest = max(longest, j - i)
+        i = j
+    return n, longest
+
+
+@numba.njit(cache=True)
 def words(cp: Array, lo: int, hi: int, cls: Array, starts: Array, ends: Array) -> int:
     """Split ``cp[lo:hi]`` into words; spans go to ``starts``/``ends``; returns the count.
 
@@ -965,19 +984,7 @@ def c4(  # pragma: no cover - compiled
                 a += 1
             while b > a and _has(cls, cp[b - 1], SPACE):
                 b -= 1
-            n_words = 0
-            longest = 0
-            i = a
-            while i < b:
-                while i < b and _has(cls, cp[i], SPACE):
-                    i += 1
-                j = i
-                while j < b and not _has(cls, cp[j], SPACE):
-                    j += 1
-                if j > i:
-                    n_words += 1
-                    longest = max(longest, j - i)
-                i = j
+            n_words, longest = _split_count(cp, a, b, cls)
             if max_word_length != -1 and longest > max_word_length:
                 continue
             if citations:
