@@ -20,6 +20,7 @@ import functools
 import hashlib
 import importlib.util
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,9 +75,11 @@ def _fetch_s3(uri: str, opts: StorageOptions) -> str:
     if target.is_file() and target.stat().st_size == info.size:
         return str(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(target.suffix + ".part")
-    tmp.write_bytes(storage.read_bytes(uri, opts))
-    tmp.replace(target)
+    # a private temporary name: actors on one node may fetch the same model at once
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.name, suffix=".part")
+    with os.fdopen(fd, "wb") as f:
+        f.write(storage.read_bytes(uri, opts))
+    os.replace(tmp, target)
     return str(target)
 
 

@@ -52,6 +52,8 @@ def _from_key(key: int) -> float:
 
 def _group_keys(block: pa.Table, column: str, by: str | None) -> dict[str, Array]:
     """The sort keys of the valid scores of ``block``, per group value."""
+    if block.num_rows == 0 or column not in block.column_names:
+        return {}  # Ray Data's empty blocks may have no columns at all
     scores = block.column(column).to_numpy(zero_copy_only=False).astype(np.float64)
     valid = ~np.isnan(scores)
     if by is None:
@@ -131,7 +133,7 @@ def _descend(search: _Search, hist: Array) -> None:
     search.size = int(hist[b])
 
 
-def order_statistics(
+def order_statistics(  # noqa: PLR0912 - three phases, kept together for reading
     blocks: Sequence[Any], column: str, by: str | None, quantiles: Sequence[float]
 ) -> dict[str, dict[str, Any]]:
     """Per group: ``n`` (valid scores) and, for each quantile ``q``, the values at
@@ -155,13 +157,18 @@ def order_statistics(
         for (g, _), s in searches.items():
             if s.size > GATHER and s.shift < 64:
                 _descend(s, hists[g, s.prefix, s.shift])
-    probes = sorted({(g, s.prefix, s.shift) for (g, _), s in searches.items()})
+    # a search that consumed all 64 bits has found its key: its bin is one value,
+    # however many rows share it, and nothing needs to be gathered
+    probes = sorted({(g, s.prefix, s.shift) for (g, _), s in searches.items() if s.shift < 64})
     gathered: dict[Any, list[Array]] = defaultdict(list)
     for res in ray.get([_gather.remote(b, column, by, probes) for b in blocks]):
         for probe, keys in res.items():
             gathered[probe].append(keys)
     values: dict[tuple[str, int], float] = {}
     for (g, r), s in searches.items():
+        if s.shift == 64:
+            values[g, r] = _from_key(s.prefix)
+            continue
         keys = np.sort(np.concatenate(gathered[g, s.prefix, s.shift]))
         values[g, r] = _from_key(int(keys[s.rank]))
     out: dict[str, dict[str, Any]] = {}

@@ -159,11 +159,18 @@ class _Percentiles(GlobalStage):
         return refs, stats
 
 
+def _json_float(v: float) -> float | str:
+    """A threshold for the manifest: infinities as text (JSON has no Infinity)."""
+    return float(v) if np.isfinite(v) else str(v)
+
+
 def _scores_and_groups(
     block: pa.Table, column: str, by: str | None
 ) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
     """The scores as float64 (null -> NaN) and each row's group ("" without ``by``;
     a null group value is the group "")."""
+    if block.num_rows == 0:
+        return np.zeros(0, np.float64), np.zeros(0, dtype=object)
     scores = block.column(column).to_numpy(zero_copy_only=False).astype(np.float64)
     if not by:
         return scores, np.full(block.num_rows, "", dtype=object)
@@ -193,9 +200,9 @@ class PercentileFilter(_Percentiles):
             summary[group] = {
                 "n": s["n"],
                 "lower_quantile": q_lo,
-                "lower_threshold": None if q_lo is None else lo,
+                "lower_threshold": None if q_lo is None else _json_float(lo),
                 "upper_quantile": q_hi,
-                "upper_threshold": None if q_hi is None else hi,
+                "upper_threshold": None if q_hi is None else _json_float(hi),
             }
         self.summary = {"column": self.config.column, "by": self.config.by, "groups": summary}
         decide = ray.remote(_filter_block)
@@ -212,6 +219,8 @@ class PercentileFilter(_Percentiles):
 def _filter_block(
     block: pa.Table, column: str, by: str | None, bounds: dict[str, tuple[float, float]]
 ) -> pa.Table:
+    if block.num_rows == 0:
+        return DECISION_SCHEMA.empty_table()
     scores, groups = _scores_and_groups(block, column, by)
     lo = np.array([bounds.get(g, (np.inf, -np.inf))[0] for g in groups], dtype=np.float64)
     hi = np.array([bounds.get(g, (np.inf, -np.inf))[1] for g in groups], dtype=np.float64)
@@ -282,7 +291,10 @@ class PercentileBucket(_Percentiles):
             cuts[group] = [s[str(q)]["lo"] for q in self.config.cuts]
             summary[group] = {
                 "n": s["n"],
-                "cuts": dict(zip(map(str, self.config.cuts), cuts[group], strict=True)),
+                "cuts": {
+                    str(q): _json_float(v)
+                    for q, v in zip(self.config.cuts, cuts[group], strict=True)
+                },
             }
         self.summary = {"column": self.config.column, "by": self.config.by, "groups": summary}
         schema = decision_schema(self)
@@ -313,6 +325,8 @@ def _bucket_block(
     output: str,
     schema: pa.Schema,
 ) -> pa.Table:
+    if block.num_rows == 0:
+        return schema.empty_table()
     scores, groups = _scores_and_groups(block, column, by)
     labels = np.full(block.num_rows, None, dtype=object)
     for g in np.unique(groups):

@@ -145,6 +145,8 @@ def test_every_bundled_pipeline_validates() -> None:
     files = sorted(root.glob("*.yaml"))
     assert files
     for path in files:
+        if "../bench/data/" in path.read_text():
+            continue  # runs on fetched data: validated in its own test with stand-ins
         check(str(path))
 
 

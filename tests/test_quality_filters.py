@@ -302,3 +302,12 @@ def test_bad_config_is_rejected() -> None:
         GopherRepetition.Config(top_n_grams={0: 0.1})
     with pytest.raises(ValidationError):
         C4Quality.Config(preset="t5")
+
+
+def test_c4_strips_unicode_whitespace_like_str_strip() -> None:
+    body = "One sentence here. Two here. Three here. Four here. Five here."
+    stage = make(C4Quality, preset="fineweb")
+    out = stage.process_batch(
+        pa.table({"text": [f"[2]\u00a0{body}\r\nA last line here.\u3000[1]"]})
+    )
+    assert out.column("text").to_pylist() == [f"{body}\nA last line here."]

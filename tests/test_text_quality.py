@@ -111,6 +111,7 @@ def test_lang_id_and_filter() -> None:
     scores = out.column("lang_score").to_numpy()
     assert ((scores >= 0) & (scores <= 1)).all()
     assert langs[-1] == "en"  # newlines are flattened, not an error
+    assert langs[-2] is None and scores[-2] == 0  # no words, no language
 
     fineweb = LangFilter(LangFilter.Config(preset="fineweb"), CTX)
     v = fineweb.decide(out)
@@ -230,6 +231,9 @@ def test_order_statistics_are_exact(
         for q in qs:
             lo, hi = quantiles.rank_pair(q, len(values))
             assert stats[g][str(q)] == {"lo": values[lo], "hi": values[hi]}
+    # one value shared by every row: found from its key, nothing gathered
+    same = [ray.put(pa.table({"s": np.full(1000, 2.5)})), ray.put(pa.table({}))]
+    assert quantiles.order_statistics(same, "s", None, [0.3])[""]["0.3"] == {"lo": 2.5, "hi": 2.5}
     whole = quantiles.order_statistics(blocks, "s", None, [0.5])
     valid = np.sort(score[~np.isnan(score)])
     assert whole[""]["0.5"]["lo"] == valid[len(valid) // 2]
@@ -374,3 +378,25 @@ def test_presets_survive_a_round_trip_to_the_workers() -> None:
     assert LangFilter.Config(preset="fineweb").languages == ["en"]
     assert FineWebQuality.Config(preset="paper").char_duplicates_ratio == 0.1
     assert FineWebQuality.Config(preset="paper", new_line_ratio=0.5).new_line_ratio == 0.5
+
+
+def test_bundled_text_quality_pipeline_validates(
+    trained: tuple[Path, dict[str, Any]], tmp_path: Path
+) -> None:
+    """pipelines/text_quality.yaml runs on fetched data; validate it against stand-ins."""
+    from curate.api import check
+
+    spec, _ = trained
+    rng = random.Random(5)
+    for name in ("en", "multi", "low"):
+        rows = [{"text": t, "kind": name, "lang": "de"} for t in prose(rng, 3)]
+        write_jsonl(tmp_path / f"{name}.jsonl", rows)
+    (tmp_path / "en.arpa").write_text("stand-in: only its existence is checked\n")
+    overrides = [f"sources.{n}.uri={tmp_path / n}.jsonl" for n in ("en", "multi", "low")]
+    overrides += [
+        f"stages.quality.model={spec.parent / 'models' / 'quality.bin'}",
+        f"stages.ppl.model={tmp_path / 'en.arpa'}",
+    ]
+    root = Path(__file__).resolve().parents[1]
+    plan = check(str(root / "pipelines" / "text_quality.yaml"), overrides)
+    assert next(iter(plan.stages)) == "lid" and "top" in plan.stages

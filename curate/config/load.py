@@ -16,6 +16,7 @@ from pydantic_core import ErrorDetails
 
 from curate.config.model import BoundStage, PipelineSpec, StageSpec
 from curate.config.yamlpos import ConfigError, Issue, Loc, Positions, load_yaml_file
+from curate.models import PACKAGED
 from curate.registry import RegistryError, get_stage_class, import_plugins, suggest
 
 
@@ -120,7 +121,7 @@ def _rebase(key: str, value: Any, base_dir: Path) -> Any:
     if isinstance(value, list):
         return [_rebase(key, v, base_dir) for v in value]
     if isinstance(value, str) and "://" not in value and not os.path.isabs(value):
-        if key == "model" and not os.path.exists(value):
+        if key == "model" and (value in PACKAGED or not os.path.exists(value)):
             return value  # a packaged model's name, not a path
         return os.path.relpath(Path(value).absolute(), base_dir)
     return value

@@ -40,11 +40,15 @@ def flatten(text: pa.Array | pa.ChunkedArray) -> list[str]:
 
 
 def predict_top(model: Any, texts: Sequence[str]) -> tuple[list[str | None], Array]:
-    """The best label (without ``__label__``) and its probability, per text; a text
-    fastText finds no label for (empty) gives None and 0."""
+    """The best label (without ``__label__``) and its probability, per text.  A text
+    without a word gets None and 0 (fastText would still answer with its prior)."""
     labels, probs = model.predict(list(texts), k=1)
-    out = [lab[0][len(LABEL_PREFIX) :] if lab else None for lab in labels]
+    out = [
+        lab[0][len(LABEL_PREFIX) :] if lab and not text.isspace() and text else None
+        for lab, text in zip(labels, texts, strict=True)
+    ]
     scores = np.array([float(p[0]) if len(p) else 0.0 for p in probs], dtype=np.float64)
+    scores[np.array([x is None for x in out], dtype=bool)] = 0.0
     return out, np.minimum(scores, 1.0)  # fastText's softmax can exceed 1 by ~1e-5
 
 
@@ -52,7 +56,8 @@ def predict_label(model: Any, texts: Sequence[str], label: str) -> Array:
     """P(``label``) per text, from the full distribution over the model's labels."""
     full = LABEL_PREFIX + label
     k = len(model.get_labels())
-    if k == 2:  # binary (DCLM): the top label's probability gives the other's
+    if k == 2:  # binary (DCLM): 1 - P(top) for the other label (fastText's own value
+        # for it differs by its softmax rounding, ~1e-5)
         top, p = model.predict(list(texts), k=1)
         pos = np.array([bool(t) and t[0] == full for t in top])
         first = np.array([float(x[0]) if len(x) else 0.0 for x in p], dtype=np.float64)

@@ -900,6 +900,22 @@ def _sentences(
 
 
 @numba.njit(cache=True)
+def _char_at(buf: Array, i: int) -> tuple[np.int64, int]:  # pragma: no cover - compiled
+    """The code point of the valid UTF-8 character starting at ``buf[i]``, its length."""
+    b0 = np.int64(buf[i])
+    if b0 < 0x80:
+        return b0, 1
+    if b0 < 0xE0:
+        return ((b0 & 0x1F) << 6) | (np.int64(buf[i + 1]) & 0x3F), 2
+    if b0 < 0xF0:
+        c = ((b0 & 0x0F) << 12) | ((np.int64(buf[i + 1]) & 0x3F) << 6)
+        return c | (np.int64(buf[i + 2]) & 0x3F), 3
+    c = ((b0 & 0x07) << 18) | ((np.int64(buf[i + 1]) & 0x3F) << 12)
+    c |= ((np.int64(buf[i + 2]) & 0x3F) << 6) | (np.int64(buf[i + 3]) & 0x3F)
+    return c, 4
+
+
+@numba.njit(cache=True)
 def _encode(buf: Array, n: int, out: Array, pos: int) -> int:  # pragma: no cover - compiled
     """UTF-8 encode ``buf[:n]`` into ``out`` at ``pos``; return the new position."""
     for i in range(n):
@@ -1030,14 +1046,23 @@ def c4(  # pragma: no cover - compiled
                 pos += 1
             pos = _encode(line, m, text, pos)
             kept += 1
-        # str.strip() of the joined text: only the ends of the first and last line can
-        # still carry whitespace (a citation removed before a line's end)
+        # str.strip() of the joined text (a removed citation can leave whitespace at a
+        # line's end, and a line of citations only can leave nothing but whitespace)
         s = doc_start
-        while s < pos and text[s] < 0x80 and _has(cls, np.int64(text[s]), SPACE):
-            s += 1
+        while s < pos:
+            c, size = _char_at(text, s)
+            if not _has(cls, c, SPACE):
+                break
+            s += size
         t = pos
-        while t > s and text[t - 1] < 0x80 and _has(cls, np.int64(text[t - 1]), SPACE):
-            t -= 1
+        while t > s:
+            u = t - 1
+            while u > s and (text[u] & 0xC0) == 0x80:
+                u -= 1
+            c, _ = _char_at(text, u)
+            if not _has(cls, c, SPACE):
+                break
+            t = u
         if s > doc_start:
             text[doc_start : doc_start + t - s] = text[s:t].copy()
         pos = doc_start + t - s
