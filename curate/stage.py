@@ -217,6 +217,14 @@ def decision_schema(stage: Stage) -> pa.Schema:
     return pa.schema([*DECISION_SCHEMA, *(pa.field(c, t) for c, t in stage.writes().items())])
 
 
+def set_column(batch: pa.Table, name: str, array: pa.Array | pa.ChunkedArray) -> pa.Table:
+    """``batch`` with column ``name`` replaced in place, or appended when it is new."""
+    index = batch.schema.get_field_index(name)
+    if index >= 0:
+        return batch.set_column(index, name, array)
+    return batch.append_column(name, array)
+
+
 def reason_category(reason: str) -> str:
     """``'exact_duplicate:abc'`` -> ``'exact_duplicate'``."""
     return reason.split(":", 1)[0]

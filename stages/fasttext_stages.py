@@ -28,7 +28,7 @@ from pydantic import Field, model_validator
 from curate.models import local_path
 from curate.quality import fasttext_models as ft
 from curate.quality.heuristics import format_value
-from curate.stage import Annotator, Filter, Requirement, StageConfig, Verdict
+from curate.stage import Annotator, Filter, Requirement, StageConfig, Verdict, set_column
 
 FASTTEXT = Requirement("fasttext", "fasttext-numpy2-wheel")
 
@@ -65,8 +65,8 @@ class LangId(_FastTextStage):
     def process_batch(self, batch: pa.Table) -> pa.Table:
         self.setup()
         langs, scores = ft.predict_top(self.model, ft.flatten(batch.column("text")))
-        batch = _set(batch, "lang", pa.array(langs, pa.string()))
-        return _set(batch, "lang_score", pa.array(scores, pa.float64()))
+        batch = set_column(batch, "lang", pa.array(langs, pa.string()))
+        return set_column(batch, "lang_score", pa.array(scores, pa.float64()))
 
 
 class FastTextQualityConfig(StageConfig):
@@ -98,14 +98,7 @@ class FastTextQuality(_FastTextStage):
     def process_batch(self, batch: pa.Table) -> pa.Table:
         self.setup()
         scores = ft.predict_label(self.model, ft.flatten(batch.column("text")), self.config.label)
-        return _set(batch, self.config.column, pa.array(scores, pa.float64()))
-
-
-def _set(batch: pa.Table, name: str, array: pa.Array) -> pa.Table:
-    index = batch.schema.get_field_index(name)
-    if index >= 0:
-        return batch.set_column(index, name, array)
-    return batch.append_column(name, array)
+        return set_column(batch, self.config.column, pa.array(scores, pa.float64()))
 
 
 # --------------------------------------------------------------------------------------
@@ -221,4 +214,6 @@ class Perplexity(Annotator):
         self.setup()
         texts = normalize(batch.column("text")).to_pylist()
         scores, _ = doc_perplexity(self.lm, texts)
-        return _set(batch, self.config.column, pa.array(scores, pa.float64(), from_pandas=True))
+        return set_column(
+            batch, self.config.column, pa.array(scores, pa.float64(), from_pandas=True)
+        )

@@ -35,7 +35,7 @@ from curate.quality.heuristics import (
     gopher_quality_stats,
     gopher_repetition_stats,
 )
-from curate.stage import Filter, StageConfig, Verdict
+from curate.stage import Filter, StageConfig, Verdict, set_column
 
 Ratio = float
 
@@ -88,15 +88,8 @@ class _Heuristic(Filter):
         if not self.config.keep_stats:  # type: ignore[attr-defined]
             return None
         for i, name in enumerate(self.stat_columns()):
-            batch = _set_column(batch, f"{self.column_prefix}{name}", pa.array(stats[:, i]))
+            batch = set_column(batch, f"{self.column_prefix}{name}", pa.array(stats[:, i]))
         return batch
-
-
-def _set_column(batch: pa.Table, name: str, array: pa.Array) -> pa.Table:
-    index = batch.schema.get_field_index(name)
-    if index >= 0:
-        return batch.set_column(index, name, array)
-    return batch.append_column(name, array)
 
 
 # --------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from curate.io.sink import cut
-from curate.stage import Annotator, StageConfig
+from curate.stage import Annotator, StageConfig, set_column
 
 COLUMNS: dict[str, pa.DataType] = {
     "n_chars": pa.int64(),
@@ -163,11 +163,5 @@ class TextStatsAnnotator(Annotator):
 
     def process_batch(self, batch: pa.Table) -> pa.Table:
         for name, column in text_stats(batch.column("text")).items():
-            index = batch.schema.get_field_index(name)
-            array = pc.cast(column, COLUMNS[name])
-            batch = (
-                batch.set_column(index, name, array)
-                if index >= 0
-                else batch.append_column(name, array)
-            )
+            batch = set_column(batch, name, pc.cast(column, COLUMNS[name]))
         return batch
