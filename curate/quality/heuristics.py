@@ -85,21 +85,11 @@ def format_value(v: float) -> str:
     return f"{v:.6g}"
 
 
-def _words_array(words: Sequence[str]) -> tuple[Array, Array]:
-    width = max((len(w) for w in words), default=1)
-    out = np.zeros((max(len(words), 1), max(width, 1)), dtype=np.int64)
-    lens = np.zeros(len(words), dtype=np.int64)
-    for i, w in enumerate(words):
-        out[i, : len(w)] = [ord(c) for c in w]
-        lens[i] = len(w)
-    return out, lens
-
-
 def gopher_quality_stats(text: pa.Array | pa.ChunkedArray, stop_words: Sequence[str]) -> Array:
     """Rows of :data:`kernel.GOPHER_QUALITY_STATS`."""
     data, offsets = buffers(text)
     out = np.zeros((offsets.size - 1, len(kernel.GOPHER_QUALITY_STATS)), dtype=np.float64)
-    stops, lens = _words_array(sorted(set(stop_words)))
+    stops, lens = kernel.word_table(sorted(set(stop_words)))
     kernel.gopher_quality(data, offsets, table(), stops, lens, out)
     return out
 
@@ -162,7 +152,7 @@ def c4_stats(text: pa.Array | pa.ChunkedArray, opts: C4Options) -> tuple[Array, 
         ],
         dtype=np.bool_,
     )
-    policy, policy_lens = _words_array([p.lower() for p in opts.policy_substrings])
+    policy, policy_lens = kernel.word_table([p.lower() for p in opts.policy_substrings])
     size = int(offsets[-1] - offsets[0]) if n else 0
     text_out = np.zeros(size + 1, dtype=np.uint8)
     text_offsets = np.zeros(n + 1, dtype=np.int64)

@@ -29,6 +29,7 @@ there; the agreement benchmark measures what that does to decisions.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numba
@@ -123,9 +124,11 @@ _UNITS = sorted(
 )
 
 
-def _table(words: list[str]) -> tuple[Array, Array]:
-    width = max(len(w) for w in words)
-    out = np.zeros((len(words), width), dtype=np.int64)
+def word_table(words: Sequence[str]) -> tuple[Array, Array]:
+    """Words as a zero-padded 2-D array of code points (at least 1 x 1) and their lengths,
+    the form the kernels take word lists in."""
+    width = max((len(w) for w in words), default=1)
+    out = np.zeros((max(len(words), 1), max(width, 1)), dtype=np.int64)
     lens = np.array([len(w) for w in words], dtype=np.int64)
     for i, w in enumerate(words):
         out[i, : len(w)] = [ord(c) for c in w]
@@ -149,7 +152,7 @@ _SP_KEYS = sorted((_py_hash(w), split) for w, split in _SPECIALS.items())
 _SP_HASH = np.array([k for k, _ in _SP_KEYS], dtype=np.uint64)
 _SP_SPLIT = np.array([v for _, v in _SP_KEYS], dtype=np.int64)
 _SP_MAXLEN = max(len(w) for w in _SPECIALS)
-_UNIT_CP, _UNIT_LEN = _table(_UNITS)
+_UNIT_CP, _UNIT_LEN = word_table(_UNITS)
 
 
 @numba.njit(cache=True, inline="always")
@@ -166,45 +169,70 @@ def _isin(c: np.int64, values: Array) -> bool:  # pragma: no cover - compiled
 
 
 @numba.njit(cache=True)
+def _char_at(buf: Array, i: int) -> tuple[np.int64, int]:  # pragma: no cover - compiled
+    """The code point of the valid UTF-8 character starting at ``buf[i]``, its length."""
+    b0 = np.int64(buf[i])
+    if b0 < 0x80:
+        return b0, 1
+    if b0 < 0xE0:
+        return ((b0 & 0x1F) << 6) | (np.int64(buf[i + 1]) & 0x3F), 2
+    if b0 < 0xF0:
+        c = ((b0 & 0x0F) << 12) | ((np.int64(buf[i + 1]) & 0x3F) << 6)
+        return c | (np.int64(buf[i + 2]) & 0x3F), 3
+    c = ((b0 & 0x07) << 18) | ((np.int64(buf[i + 1]) & 0x3F) << 12)
+    c |= ((np.int64(buf[i + 2]) & 0x3F) << 6) | (np.int64(buf[i + 3]) & 0x3F)
+    return c, 4
+
+
+@numba.njit(cache=True)
 def decode(data: Array, lo: int, hi: int, out: Array) -> int:  # pragma: no cover - compiled
     """UTF-8 bytes ``data[lo:hi]`` (valid, as Arrow guarantees) to code points in ``out``."""
     n = 0
     i = lo
     while i < hi:
-        b0 = np.int64(data[i])
-        if b0 < 0x80:
-            c = b0
-            i += 1
-        elif b0 < 0xE0:
-            c = ((b0 & 0x1F) << 6) | (np.int64(data[i + 1]) & 0x3F)
-            i += 2
-        elif b0 < 0xF0:
-            c = ((b0 & 0x0F) << 12) | ((np.int64(data[i + 1]) & 0x3F) << 6)
-            c |= np.int64(data[i + 2]) & 0x3F
-            i += 3
-        else:
-            c = ((b0 & 0x07) << 18) | ((np.int64(data[i + 1]) & 0x3F) << 12)
-            c |= ((np.int64(data[i + 2]) & 0x3F) << 6) | (np.int64(data[i + 3]) & 0x3F)
-            i += 4
-        out[n] = c
+        out[n], size = _char_at(data, i)
+        i += size
         n += 1
     return n
 
 
-# --------------------------------------------------------------------------------------
-# Hashing of spans: polynomial over code points, mod 2**64, two bases.
-
-
 @numba.njit(cache=True)
-def _span_hash(cp: Array, a: int, b: int) -> np.uint64:  # pragma: no cover - compiled
-    h = np.uint64(1469598103934665603)
+def _max_width(offsets: Array) -> int:  # pragma: no cover - compiled
+    """The longest document in bytes: a bound on its code points, words and lines."""
+    width = 0
+    for d in range(offsets.size - 1):
+        width = max(width, offsets[d + 1] - offsets[d])
+    return width
+
+
+# --------------------------------------------------------------------------------------
+# Hashing of spans: FNV-1a over code points, then a length mix and a bit scramble.
+
+
+_FNV_START = np.uint64(1469598103934665603)
+
+
+@numba.njit(cache=True, inline="always")
+def _fnv(h: np.uint64, cp: Array, a: int, b: int) -> np.uint64:  # pragma: no cover
+    """FNV-1a over the code points ``cp[a:b]``, continuing from ``h``."""
     for k in range(a, b):
         h = (h ^ np.uint64(cp[k])) * np.uint64(1099511628211)
-    h ^= np.uint64(b - a)
+    return h
+
+
+@numba.njit(cache=True, inline="always")
+def _finish(h: np.uint64, length: int) -> np.uint64:  # pragma: no cover - compiled
+    """Mix the length in and scramble the bits (spans of different lengths differ)."""
+    h ^= np.uint64(length)
     h ^= h >> np.uint64(31)
     h *= np.uint64(0x9E3779B97F4A7C15)
     h ^= h >> np.uint64(29)
     return h
+
+
+@numba.njit(cache=True)
+def _span_hash(cp: Array, a: int, b: int) -> np.uint64:  # pragma: no cover - compiled
+    return _finish(_fnv(_FNV_START, cp, a, b), b - a)
 
 
 @numba.njit(cache=True)
@@ -503,9 +531,7 @@ def gopher_quality(  # pragma: no cover - compiled
     data: Array, offsets: Array, cls: Array, stops: Array, stop_lens: Array, out: Array
 ) -> None:
     """One row of :data:`GOPHER_QUALITY_STATS` per document."""
-    width = 0
-    for d in range(offsets.size - 1):
-        width = max(width, offsets[d + 1] - offsets[d])
+    width = _max_width(offsets)
     cp = np.empty(width + 1, dtype=np.int64)
     starts = np.empty(width + 1, dtype=np.int64)
     ends = np.empty(width + 1, dtype=np.int64)
@@ -639,16 +665,12 @@ def _concat_hashes(
     """Hash of ``"".join(words[i:i+n])`` as a string (so ``ab|c`` equals ``a|bc``)."""
     m = nw - n + 1
     for i in range(max(m, 0)):
-        h = np.uint64(1469598103934665603)
+        h = _FNV_START
         length = 0
         for j in range(i, i + n):
-            for k in range(starts[j], ends[j]):
-                h = (h ^ np.uint64(cp[k])) * np.uint64(1099511628211)
+            h = _fnv(h, cp, starts[j], ends[j])
             length += ends[j] - starts[j]
-        h ^= np.uint64(length)
-        h ^= h >> np.uint64(31)
-        h *= np.uint64(0x9E3779B97F4A7C15)
-        out_h[i] = h
+        out_h[i] = _finish(h, length)
         out_len[i] = length
     return max(m, 0)
 
@@ -703,9 +725,7 @@ def gopher_repetition(  # pragma: no cover - compiled
     lines, then the top-n-gram character fraction for each n of ``top_n`` and the
     duplicated-n-gram character fraction for each n of ``dup_n``.  Fractions of
     characters are over the whole text's length, as datatrove computes them."""
-    width = 0
-    for d in range(offsets.size - 1):
-        width = max(width, offsets[d + 1] - offsets[d])
+    width = _max_width(offsets)
     cp = np.empty(width + 1, dtype=np.int64)
     starts = np.empty(width + 2, dtype=np.int64)
     ends = np.empty(width + 2, dtype=np.int64)
@@ -762,9 +782,7 @@ def fineweb(  # pragma: no cover - compiled
     sentence terminator, the fraction of at most ``short_line`` characters, the
     characters of duplicated lines over the characters that are not ``\\n``,
     and newlines per word."""
-    width = 0
-    for d in range(offsets.size - 1):
-        width = max(width, offsets[d + 1] - offsets[d])
+    width = _max_width(offsets)
     cp = np.empty(width + 1, dtype=np.int64)
     starts = np.empty(width + 2, dtype=np.int64)
     ends = np.empty(width + 2, dtype=np.int64)
@@ -900,22 +918,6 @@ def _sentences(
 
 
 @numba.njit(cache=True)
-def _char_at(buf: Array, i: int) -> tuple[np.int64, int]:  # pragma: no cover - compiled
-    """The code point of the valid UTF-8 character starting at ``buf[i]``, its length."""
-    b0 = np.int64(buf[i])
-    if b0 < 0x80:
-        return b0, 1
-    if b0 < 0xE0:
-        return ((b0 & 0x1F) << 6) | (np.int64(buf[i + 1]) & 0x3F), 2
-    if b0 < 0xF0:
-        c = ((b0 & 0x0F) << 12) | ((np.int64(buf[i + 1]) & 0x3F) << 6)
-        return c | (np.int64(buf[i + 2]) & 0x3F), 3
-    c = ((b0 & 0x07) << 18) | ((np.int64(buf[i + 1]) & 0x3F) << 12)
-    c |= ((np.int64(buf[i + 2]) & 0x3F) << 6) | (np.int64(buf[i + 3]) & 0x3F)
-    return c, 4
-
-
-@numba.njit(cache=True)
 def _encode(buf: Array, n: int, out: Array, pos: int) -> int:  # pragma: no cover - compiled
     """UTF-8 encode ``buf[:n]`` into ``out`` at ``pos``; return the new position."""
     for i in range(n):
@@ -971,9 +973,7 @@ def c4(  # pragma: no cover - compiled
         flags[5],
         flags[6],
     )
-    width = 0
-    for d in range(offsets.size - 1):
-        width = max(width, offsets[d + 1] - offsets[d])
+    width = _max_width(offsets)
     cp = np.empty(width + 1, dtype=np.int64)
     line = np.empty(width + 1, dtype=np.int64)
     starts = np.empty(width + 2, dtype=np.int64)
