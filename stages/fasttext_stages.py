@@ -27,7 +27,7 @@ from pydantic import Field, model_validator
 
 from curate.models import local_path
 from curate.quality import fasttext_models as ft
-from curate.quality.heuristics import format_value
+from curate.rules import format_value
 from curate.stage import Annotator, Filter, Requirement, StageConfig, Verdict, set_column
 
 FASTTEXT = Requirement("fasttext", "fasttext-numpy2-wheel")

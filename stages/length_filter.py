@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field, model_validator
 
+from curate.rules import Rule, decide
 from curate.stage import Filter, StageConfig, Verdict
 
 
@@ -50,24 +51,22 @@ class LengthFilter(Filter):
     def decide(self, batch: pa.Table) -> Verdict:
         cfg = self.config
         n = batch.num_rows
-        reason = np.full(n, None, dtype=object)
-        value = np.full(n, None, dtype=object)
-        rules = (
-            ("n_chars", cfg.min_chars, "too_few_chars", np.less),
-            ("n_chars", cfg.max_chars, "too_many_chars", np.greater),
-            ("n_words", cfg.min_words, "too_few_words", np.less),
-            ("n_words", cfg.max_words, "too_many_words", np.greater),
+        measured = np.stack(
+            [
+                batch.column(c).to_numpy(zero_copy_only=False).astype(np.float64)
+                if c in batch.column_names
+                else np.zeros(n)
+                for c in ("n_chars", "n_words")
+            ],
+            axis=1,
+        ).reshape(n, 2)
+        keep, reason, value = decide(
+            measured,
+            (
+                Rule("too_few_chars", 0, "<", cfg.min_chars),
+                Rule("too_many_chars", 0, ">", cfg.max_chars),
+                Rule("too_few_words", 1, "<", cfg.min_words),
+                Rule("too_many_words", 1, ">", cfg.max_words),
+            ),
         )
-        for column, bound, name, compare in rules:
-            if bound is None:
-                continue
-            measured = batch.column(column).to_numpy(zero_copy_only=False)
-            hit = compare(measured, bound) & (reason == None)  # noqa: E711 - elementwise
-            reason[hit] = name
-            value[hit] = measured[hit].astype(str)
-        keep = reason == None  # noqa: E711 - elementwise
-        return Verdict(
-            keep=np.asarray(keep, dtype=bool),
-            reason=pa.array(reason, pa.string()),
-            value=pa.array(value, pa.string()),
-        )
+        return Verdict(keep=keep, reason=reason, value=value)

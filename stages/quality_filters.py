@@ -27,14 +27,12 @@ from pydantic import Field, model_validator
 from curate.quality import kernel
 from curate.quality.heuristics import (
     C4Options,
-    Op,
-    Rule,
     c4_stats,
-    decide,
     fineweb_stats,
     gopher_quality_stats,
     gopher_repetition_stats,
 )
+from curate.rules import Op, Rule, decide
 from curate.stage import Filter, StageConfig, Verdict, set_column
 
 Ratio = float

@@ -30,8 +30,8 @@ import pyarrow.compute as pc
 import ray.data
 from pydantic import Field, model_validator
 
-from curate.quality.heuristics import format_value
 from curate.quantiles import order_statistics
+from curate.rules import format_value
 from curate.stage import (
     DECISION_SCHEMA,
     POS,

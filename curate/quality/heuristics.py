@@ -14,9 +14,9 @@ word length of a document without words) fails no threshold, as in datatrove.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -26,24 +26,6 @@ from curate.quality import kernel
 from curate.quality.chars import table
 
 Array = np.ndarray[Any, Any]
-Op = Literal["<", ">", "<=", ">="]
-
-_OPS: dict[str, Callable[[Array, float], Array]] = {
-    "<": np.less,
-    ">": np.greater,
-    "<=": np.less_equal,
-    ">=": np.greater_equal,
-}
-
-
-@dataclass(frozen=True)
-class Rule:
-    """Drop a document when ``stats[column] <op> threshold``; the reason is ``name``."""
-
-    name: str
-    column: int
-    op: Op
-    threshold: float | None
 
 
 def buffers(text: pa.Array | pa.ChunkedArray) -> tuple[Array, Array]:
@@ -57,32 +39,6 @@ def buffers(text: pa.Array | pa.ChunkedArray) -> tuple[Array, Array]:
     buf = arr.buffers()[2]
     data = np.frombuffer(buf, dtype=np.uint8) if buf is not None else np.zeros(1, np.uint8)
     return data, np.ascontiguousarray(offsets)
-
-
-def decide(stats: Array, rules: Sequence[Rule], prefix: str) -> tuple[Array, pa.Array, pa.Array]:
-    """(keep, reason, value): the first failing rule of each row names its reason."""
-    n = stats.shape[0]
-    reason = np.full(n, None, dtype=object)
-    value = np.full(n, None, dtype=object)
-    open_ = np.ones(n, dtype=bool)
-    for rule in rules:
-        if rule.threshold is None:
-            continue
-        column = stats[:, rule.column]
-        with np.errstate(invalid="ignore"):
-            hit = _OPS[rule.op](column, rule.threshold) & open_
-        if hit.any():
-            reason[hit] = f"{prefix}:{rule.name}"
-            value[hit] = [format_value(v) for v in column[hit]]
-            open_ &= ~hit
-    return open_, pa.array(reason, pa.string()), pa.array(value, pa.string())
-
-
-def format_value(v: float) -> str:
-    """A measured value as the rejects show it: integers bare, ratios to 6 digits."""
-    if np.isfinite(v) and float(v).is_integer():
-        return str(int(v))
-    return f"{v:.6g}"
 
 
 def gopher_quality_stats(text: pa.Array | pa.ChunkedArray, stop_words: Sequence[str]) -> Array:
