@@ -120,34 +120,31 @@ def heuristics(split: str, table: pa.Table, limit: int | None) -> None:
             print(f"{'':24}{n:>5} differ: curate {a} / datatrove {b}")
 
 
-def fasttext_stages(table: pa.Table) -> None:
-    print(f"\n== fastText stages: {table.num_rows:,} docs, one core ==")
+def versus(stage: Any, table: pa.Table, k: int) -> tuple[float, float]:
+    """docs/s of the stage over batches, and of the loop a bare fastText user writes
+    (one ``predict`` per document) with the stage's own model."""
     texts = table.column("text").to_pylist()
-    lid = LangId(LangId.Config(), CTX)
-    lid.setup()
-    rows: list[tuple[str, float, float]] = []
     start = time.perf_counter()
     for part in batches(table):
-        lid.process_batch(part)
+        stage.process_batch(part)
     ours_s = time.perf_counter() - start
     start = time.perf_counter()
-    for text in texts:  # the loop a bare fastText user writes
-        lid.model.predict(text.replace("\n", " "), k=1)
+    for text in texts:
+        stage.model.predict(text.replace("\n", " "), k=k)
     bare_s = time.perf_counter() - start
-    rows.append(("lang_id (lid.176)", len(texts) / ours_s, len(texts) / bare_s))
+    return len(texts) / ours_s, len(texts) / bare_s
+
+
+def fasttext_stages(table: pa.Table) -> None:
+    print(f"\n== fastText stages: {table.num_rows:,} docs, one core ==")
+    lid = LangId(LangId.Config(), CTX)
+    lid.setup()
+    rows = [("lang_id (lid.176)", *versus(lid, table, k=1))]
     model = DATA / "models" / "quality.bin"
     if model.exists():
         stage = FastTextQuality(FastTextQuality.Config(model=str(model)), CTX)
         stage.setup()
-        start = time.perf_counter()
-        for part in batches(table):
-            stage.process_batch(part)
-        ours_s = time.perf_counter() - start
-        start = time.perf_counter()
-        for text in texts:
-            stage.model.predict(text.replace("\n", " "), k=2)
-        bare_s = time.perf_counter() - start
-        rows.append(("fasttext_quality", len(texts) / ours_s, len(texts) / bare_s))
+        rows.append(("fasttext_quality", *versus(stage, table, k=2)))
     print(f"{'stage':22} {'curate/s':>10} {'bare/s':>10} {'ratio':>7}")
     for name, a, b in rows:
         print(f"{name:22} {a:>10,.0f} {b:>10,.0f} {a / b:>6.2f}x")
