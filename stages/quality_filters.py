@@ -68,10 +68,13 @@ class _Heuristic(Filter):
         return self.prefix.split("_")[0] + "_"
 
     def measure(self, batch: pa.Table) -> np.ndarray[Any, Any]:
-        raise NotImplementedError
+        """One row of measurements per document, for :meth:`decide`; a subclass that
+        overrides ``decide`` itself (``c4_quality``, which also rewrites text) need not."""
+        raise NotImplementedError(f"{type(self).__name__} measures in its own decide()")
 
     def rules(self) -> Sequence[Rule]:
-        raise NotImplementedError
+        """The thresholds over :meth:`measure`'s columns, in the order they apply."""
+        raise NotImplementedError(f"{type(self).__name__} decides in its own decide()")
 
     def decision_stats(self, stats: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
         """The measurements the rules see (by default, as measured)."""

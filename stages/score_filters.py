@@ -21,6 +21,7 @@ exceed ``f`` by the size of the tie.  Null and NaN scores are dropped
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, Literal
 
@@ -149,8 +150,9 @@ class _Percentiles(GlobalStage):
         by = (self.config.by,) if self.config.by else ()
         return (self.config.column, *by)
 
+    @abstractmethod
     def wanted(self) -> list[float]:
-        raise NotImplementedError
+        """The quantiles whose values the stage needs."""
 
     def resolve(self, keys: ray.data.Dataset) -> tuple[list[Any], dict[str, dict[str, Any]]]:
         cols = [UNIT, POS, *self.reads()]
