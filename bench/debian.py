@@ -52,16 +52,18 @@ def fetch_index(work: Path = WORK) -> list[Path]:
     return found
 
 
-def parse_translation(path: Path) -> list[tuple[str, str]]:
-    """(package, description) pairs: the short line, then the long paragraphs."""
+def parse_translation(path: Path, lang: str = "en") -> list[tuple[str, str]]:
+    """(package, description) pairs of a ``Translation-<lang>`` file: the short line,
+    then the long paragraphs."""
+    field = f"Description-{lang}: "
     out = []
     for stanza in path.read_text(encoding="utf-8").split("\n\n"):
         package, lines, inside = None, [], False
         for line in stanza.split("\n"):
             if line.startswith("Package: "):
                 package = line[len("Package: ") :].strip()
-            elif line.startswith("Description-en: "):
-                lines.append(line[len("Description-en: ") :])
+            elif line.startswith(field):
+                lines.append(line[len(field) :])
                 inside = True
             elif inside and line.startswith(" "):
                 body = line[1:]

@@ -116,31 +116,6 @@ def fetch_translations(work: Path = OUT, langs: Iterable[str] = LANGS) -> dict[s
     return found
 
 
-def parse_translation(path: Path, lang: str) -> list[tuple[str, str]]:
-    """(package, description) pairs of a ``Translation-<lang>`` file.
-
-    ``debian.parse_translation`` with ``Description-<lang>`` in place of ``Description-en``.
-    """
-    field = f"Description-{lang}: "
-    out = []
-    for stanza in path.read_text(encoding="utf-8").split("\n\n"):
-        package, lines, inside = None, [], False
-        for line in stanza.split("\n"):
-            if line.startswith("Package: "):
-                package = line[len("Package: ") :].strip()
-            elif line.startswith(field):
-                lines.append(line[len(field) :])
-                inside = True
-            elif inside and line.startswith(" "):
-                body = line[1:]
-                lines.append("" if body == "." else body)
-            else:
-                inside = False
-        if package and lines:
-            out.append((package, "\n".join(lines).strip()))
-    return out
-
-
 def multi_docs(english: list[Doc], work: Path = OUT) -> tuple[list[Doc], Counter[str]]:
     """Translated descriptions that differ from their package's English one; dropped counts."""
     english_texts: dict[str, set[str]] = {}
@@ -152,7 +127,7 @@ def multi_docs(english: list[Doc], work: Path = OUT) -> tuple[list[Doc], Counter
         label = LANGS[code]
         seen: set[tuple[str, str]] = set()
         for path in paths:
-            for package, text in parse_translation(path, code):
+            for package, text in debian.parse_translation(path, code):
                 if not text or (package, text) in seen:
                     continue
                 seen.add((package, text))
