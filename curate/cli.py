@@ -210,6 +210,31 @@ def train_lm(
     )
 
 
+@app.command("build-clip")
+def build_clip(
+    arch: Annotated[str, typer.Argument(help="open_clip architecture, e.g. ViT-B-32")],
+    output: Annotated[str, typer.Option("--output", "-o", help="Checkpoint file to write")],
+    arch_config: Annotated[
+        str | None, typer.Option(help="JSON config <arch>.json of a custom architecture")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the random initialization")] = 0,
+) -> None:
+    """Save a randomly initialized open_clip checkpoint (for tests, demos, speed runs)."""
+    from curate import clip
+    from curate.models import resolve
+
+    try:
+        path = clip.build_checkpoint(arch, output, seed, arch_config)
+    except (clip.ClipError, OSError) as exc:
+        err.print(f"[bold red]error[/]: {exc}", markup=True, highlight=False)
+        raise typer.Exit(1) from None
+    model = resolve(str(path))
+    out.print(
+        f"{path}: {arch}, random weights (seed {seed}), {model.bytes:,} bytes, "
+        f"sha256 {model.sha256}"
+    )
+
+
 def main() -> None:
     app(args=sys.argv[1:], prog_name="curate")
 

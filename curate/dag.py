@@ -243,7 +243,9 @@ def _check_columns(
                     )
                 )
         plan.input_columns[name] = available
-        plan.columns[name] = {**available, **stage.writes()}
+        dropped = set(stage.drops())
+        kept = {c: kind for c, kind in available.items() if c not in dropped}
+        plan.columns[name] = {**kept, **stage.writes()}
 
 
 def _union_by_name(

@@ -526,9 +526,10 @@ class Runner:
     def check_resources(self) -> None:
         """Fail now, not hang later, when no node can hold one actor of a stage."""
         nodes = node_resources()
+        gpus = cluster_resources().get("GPU", 0.0)
         problems = []
         for name, bound in self.plan.pipeline.stages.items():
-            need = {"CPU": bound.resources.num_cpus, "GPU": bound.resources.num_gpus}
+            need = {"CPU": bound.resources.num_cpus, "GPU": bound.resources.gpus(gpus)}
             if not any(all(node.get(k, 0.0) >= v for k, v in need.items() if v) for node in nodes):
                 problems.append(
                     f"stage {name!r} asks for {need} per actor; no node of this "
@@ -785,8 +786,9 @@ def _ray_args(bound: BoundStage, n_units: int, n_groups: int) -> dict[str, Any]:
     """Ray resources and pool size of a group's actors."""
     res = bound.resources
     args: dict[str, Any] = {"num_cpus": res.num_cpus}
-    if res.num_gpus:
-        args["num_gpus"] = res.num_gpus
+    gpus = res.gpus(cluster_resources().get("GPU", 0.0))
+    if gpus:
+        args["num_gpus"] = gpus
     if res.memory:
         args["memory"] = int(res.memory)
     if isinstance(res.concurrency, int):

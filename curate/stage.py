@@ -19,7 +19,7 @@ import importlib.util
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -53,7 +53,8 @@ class Resources(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     num_cpus: float = Field(1.0, ge=0)
-    num_gpus: float = Field(0.0, ge=0)
+    #: GPUs per actor; ``auto``: one when the cluster has GPUs, else the stage runs on CPU.
+    num_gpus: Annotated[float, Field(ge=0)] | Literal["auto"] = 0.0
     memory: ByteSize | None = None
     #: Actor-pool size: a fixed size or (min, max); None sizes it to the cluster.
     concurrency: int | tuple[int, int] | None = None
@@ -63,6 +64,12 @@ class Resources(BaseModel):
     def fusion_key(self) -> tuple[Any, ...]:
         """Consecutive stages with equal keys run in one actor."""
         return (self.num_cpus, self.num_gpus, self.memory, self.concurrency)
+
+    def gpus(self, cluster_gpus: float) -> float:
+        """GPUs per actor on a cluster with ``cluster_gpus`` GPUs in all."""
+        if self.num_gpus == "auto":
+            return 1.0 if cluster_gpus >= 1 else 0.0
+        return self.num_gpus
 
 
 @dataclass(frozen=True)
@@ -112,6 +119,10 @@ class Stage(ABC):
     def writes(self) -> Mapping[str, pa.DataType]:
         """Columns this stage adds, with their types."""
         return {}
+
+    def drops(self) -> Sequence[str]:
+        """Columns this stage consumes and removes (e.g. preprocessed pixels)."""
+        return ()
 
     def models(self) -> Mapping[str, str]:
         """Model references this stage loads, by role (``{"model": "lid.176"}``); the

@@ -22,4 +22,6 @@ BUILTIN_STAGES: dict[str, str] = {
     "score_filter": "curate.stages.score_filters:ScoreFilter",
     "percentile_filter": "curate.stages.score_filters:PercentileFilter",
     "percentile_bucket": "curate.stages.score_filters:PercentileBucket",
+    "clip_score": "curate.stages.clip_score:ClipScore",
+    "basic_filter": "curate.stages.basic_filter:BasicFilter",
 }

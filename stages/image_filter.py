@@ -16,19 +16,40 @@ rejects ``value`` is ``WIDTHxHEIGHT`` when known):
 * ``too_small``: the shorter side is below ``min_side``.
 * ``too_big``: the longer side is above ``max_side``.
 * ``bad_aspect``: the longer side is more than ``max_aspect`` times the shorter.
+
+With ``preprocess: {arch: ViT-B-32}`` the stage also prepares the images of
+kept rows for a CLIP model, in the CPU actors that run ahead of the GPU
+actors: every image is decoded (``decode: full`` is implied), converted to RGB
+(transparency on white) and resized and centre-cropped exactly as open_clip
+does for that architecture; the crop goes to the ``pixels`` column as uint8
+HWC bytes, which ``clip_score`` normalizes on its device and then removes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import ClassVar, Literal
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import pyarrow as pa
+from PIL import Image
 from pydantic import Field
 
+from curate import clip
 from curate.io.webdataset import image_size
-from curate.stage import Filter, Requirement, StageConfig, Verdict
+from curate.models import local_path
+from curate.stage import Filter, Requirement, StageConfig, Verdict, set_column
+
+
+class PreprocessConfig(StageConfig):
+    """Which model the crops are for: an open_clip architecture (and checkpoint,
+    whose hub tag may bring its own preprocessing)."""
+
+    arch: str
+    #: JSON config (``<arch>.json``) of an architecture open_clip does not ship.
+    arch_config: str | None = None
+    checkpoint: str | None = None
+    column: str = "pixels"
 
 
 class ImageFilterConfig(StageConfig):
@@ -38,6 +59,8 @@ class ImageFilterConfig(StageConfig):
     #: Larger images are rejected from their header, never decoded (Pillow's default).
     max_pixels: int = Field(89_478_485, gt=0)
     decode: Literal["header", "full"] = "header"
+    #: Prepare kept images for this CLIP model (see the module docstring).
+    preprocess: PreprocessConfig | None = None
 
 
 def _measure(payload: bytes | None, cfg: ImageFilterConfig) -> tuple[int, int] | tuple[str, str]:
@@ -54,16 +77,41 @@ class ImageFilter(Filter):
     config: ImageFilterConfig
     requires = (Requirement("PIL", "pillow"),)
 
+    crop: Any = None
+
     def reads(self) -> Sequence[str]:
         return ("image",)
+
+    def writes(self) -> Mapping[str, pa.DataType]:
+        pre = self.config.preprocess
+        return {pre.column: pa.binary()} if pre is not None else {}
+
+    def models(self) -> Mapping[str, str]:
+        pre = self.config.preprocess
+        return {"preprocess.arch_config": pre.arch_config} if pre and pre.arch_config else {}
+
+    def _crop_spec(self) -> clip.CropSpec:
+        pre = self.config.preprocess
+        assert pre is not None
+        config = local_path(pre.arch_config, self.context.base_dir) if pre.arch_config else None
+        return clip.CropSpec(pre.arch, config, pre.checkpoint)
+
+    def setup(self) -> None:
+        if self.config.preprocess is not None and self.crop is None:
+            spec = self._crop_spec()
+            self.crop = (spec.transform(), spec.size)
 
     def decide(self, batch: pa.Table) -> Verdict:
         cfg = self.config
         n = batch.num_rows
         reason = np.full(n, None, dtype=object)
         value = np.full(n, None, dtype=object)
+        images: list[Image.Image | None] = [None] * n
         for i, payload in enumerate(batch.column("image").to_pylist()):
-            measured = _measure(payload, cfg)
+            measured = self._measure(payload, cfg)
+            if isinstance(measured, Image.Image):
+                images[i] = measured
+                measured = measured.size
             if isinstance(measured[0], str):
                 reason[i] = f"{measured[0]}:{measured[1]}"
                 continue
@@ -76,10 +124,32 @@ class ImageFilter(Filter):
                 reason[i] = "too_big"
             elif cfg.max_aspect is not None and long > cfg.max_aspect * short:
                 reason[i] = "bad_aspect"
-        keep = reason == None  # noqa: E711 - elementwise
+        keep = np.asarray(reason == None, dtype=bool)  # noqa: E711 - elementwise
         value[keep] = None
+        out = None
+        if cfg.preprocess is not None:
+            if self.crop is None:
+                self.setup()
+            transform, size = self.crop
+            pixels = [
+                transform(img).tobytes() if k and img is not None else None
+                for k, img in zip(keep, images, strict=True)
+            ]
+            for i, p in enumerate(pixels):
+                if keep[i] and (p is None or len(p) != size * size * 3):
+                    keep[i], reason[i] = False, f"bad_image:crop is not {size}x{size} RGB"
+            out = set_column(batch, cfg.preprocess.column, pa.array(pixels, pa.binary()))
         return Verdict(
-            keep=np.asarray(keep, dtype=bool),
+            keep=keep,
             reason=pa.array(reason, pa.string()),
             value=pa.array(value, pa.string()),
+            batch=out,
         )
+
+    def _measure(
+        self, payload: bytes | None, cfg: ImageFilterConfig
+    ) -> Image.Image | tuple[int, int] | tuple[str, str]:
+        """The decoded RGB image (when preprocessing), (width, height), or (reason, detail)."""
+        if cfg.preprocess is None or not payload:
+            return _measure(payload, cfg)
+        return clip.decode(payload, cfg.max_pixels)

@@ -45,14 +45,56 @@ from curate.stage import (
     decision_schema,
 )
 
+#: DataComp's CLIP-score thresholds on its pool (Gadre et al. 2023, Table 16: the
+#: cosine threshold that keeps a given percentage, no English filter), SPECS §3.1.
+DATACOMP_THRESHOLDS: dict[str, dict[int, float]] = {
+    "b32": {1: 0.384, 3: 0.358, 10: 0.325, 20: 0.300, 30: 0.281, 40: 0.263, 50: 0.247,
+            75: 0.215, 90: 0.193},
+    "l14": {1: 0.364, 3: 0.334, 10: 0.295, 20: 0.266, 30: 0.243, 40: 0.222, 50: 0.203,
+            75: 0.160, 90: 0.129},
+}  # fmt: skip
+
+
+def _score_presets() -> dict[str, float]:
+    presets = {
+        f"datacomp_{model}_{pct}": t
+        for model, table in DATACOMP_THRESHOLDS.items()
+        for pct, t in table.items()
+    }
+    presets["laion2b"] = 0.28  # DataComp's LAION-2B reproduction: B/32 >= 0.28 (+ English)
+    return presets
+
+
+#: ``preset`` name -> minimum ``clip_score`` (cosine, ``scale: cosine``).
+SCORE_PRESETS = _score_presets()
+
 
 class ScoreFilterConfig(StageConfig):
     """Keep rows whose ``column`` lies in ``[min, max]`` (bounds inclusive, either
-    optional).  A null or NaN score is dropped (``score_filter:missing``)."""
+    optional).  A null or NaN score is dropped (``score_filter:missing``).
+
+    ``preset: datacomp_<b32|l14>_<pct>`` sets ``column: clip_score`` and ``min`` to
+    the cosine threshold that kept ``pct`` % of DataComp's pool with that CLIP model
+    (pct in 1, 3, 10, 20, 30, 40, 50, 75, 90); ``preset: laion2b`` is B/32 ≥ 0.28.
+    On another pool the kept share differs: ``percentile_filter`` keeps an exact
+    share instead."""
 
     column: str
     min: float | None = None
     max: float | None = None
+    preset: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or data.get("preset") is None:
+            return data
+        name = data["preset"]
+        if name not in SCORE_PRESETS:
+            raise ValueError(
+                f"unknown preset {name!r}; expected one of {', '.join(sorted(SCORE_PRESETS))}"
+            )
+        return {"column": "clip_score", "min": SCORE_PRESETS[name], **data}
 
     @model_validator(mode="after")
     def _bounds(self) -> ScoreFilterConfig:
