@@ -95,8 +95,8 @@ def local_path(ref: str, base_dir: str | Path = ".", opts: StorageOptions = LOCA
             f"({', '.join(sorted(PACKAGED))}) are read; download it and give its path"
         )
     path = Path(ref) if os.path.isabs(ref) else Path(base_dir) / ref
-    if not path.is_file():
-        raise ModelError(f"model {ref!r}: no such file {path}")
+    if not path.is_file() and not path.is_dir():
+        raise ModelError(f"model {ref!r}: no such file or folder {path}")
     return str(path)
 
 
@@ -109,8 +109,24 @@ def _sha256(path: str, size: int, mtime_ns: int) -> str:
     return digest.hexdigest()
 
 
+def _folder_digest(path: str) -> tuple[int, str]:
+    """(bytes, sha256) of a model folder (a ``save_pretrained`` directory): the hash of
+    every file's relative path and sha256, in path order."""
+    digest = hashlib.sha256()
+    total = 0
+    for file in sorted(p for p in Path(path).rglob("*") if p.is_file()):
+        st = file.stat()
+        rel = file.relative_to(path).as_posix()
+        digest.update(f"{rel}\0{_sha256(str(file), st.st_size, st.st_mtime_ns)}\n".encode())
+        total += st.st_size
+    return total, digest.hexdigest()
+
+
 def resolve(ref: str, base_dir: str | Path = ".", opts: StorageOptions = LOCAL) -> ModelFile:
-    """Resolve and fingerprint a model reference."""
+    """Resolve and fingerprint a model reference (a file, or a local model folder)."""
     path = local_path(ref, base_dir, opts)
+    if os.path.isdir(path):
+        size, sha = _folder_digest(path)
+        return ModelFile(ref, path, size, sha)
     st = os.stat(path)
     return ModelFile(ref, path, st.st_size, _sha256(path, st.st_size, st.st_mtime_ns))
