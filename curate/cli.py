@@ -235,6 +235,46 @@ def build_clip(
     )
 
 
+@app.command("build-tiny-mllm")
+def build_tiny_mllm(
+    output: Annotated[str, typer.Option("--output", "-o", help="Model folder to write")],
+    seed: Annotated[int, typer.Option(help="Seed of the random weights")] = 0,
+) -> None:
+    """Save a tiny LLaVA-architecture model with random weights (for tests and demos of
+    the MLLM stages: its answers are noise)."""
+    from curate.mllm.tiny import build_tiny_vlm
+    from curate.models import resolve
+
+    path = build_tiny_vlm(output, seed)
+    model = resolve(str(path))
+    out.print(
+        f"{path}: tiny LLaVA, random weights (seed {seed}), {model.bytes:,} bytes, "
+        f"sha256 {model.sha256}"
+    )
+
+
+@app.command("serve-mllm")
+def serve_mllm(
+    model_dir: Annotated[str, typer.Argument(help="A transformers model folder")],
+    host: Annotated[str, typer.Option(help="Address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on")] = 8000,
+    model_name: Annotated[str | None, typer.Option(help="Served model name")] = None,
+    api_key_env: Annotated[
+        str | None, typer.Option(help="Require this environment variable's key as a bearer token")
+    ] = None,
+) -> None:
+    """Serve a local transformers model as an OpenAI-compatible endpoint (for tests and
+    laptops; on GPUs, serve real models with vLLM, SGLang or TGI)."""
+    from curate.mllm.serve import main as serve_main
+
+    argv = [model_dir, "--host", host, "--port", str(port)]
+    if model_name:
+        argv += ["--model-name", model_name]
+    if api_key_env:
+        argv += ["--api-key-env", api_key_env]
+    raise typer.Exit(serve_main(argv))
+
+
 def main() -> None:
     app(args=sys.argv[1:], prog_name="curate")
 

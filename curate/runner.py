@@ -40,6 +40,7 @@ from curate.io.files import Unit, WrittenFile, plan_units, write_parquet_atomic
 from curate.io.layout import Layout
 from curate.io.readers import REJECT_SCHEMA, read_unit
 from curate.io.sink import write_sink, write_webdataset_sink
+from curate.io.storage import LOCAL
 from curate.lineage.accounting import (
     AccountingError,
     build_rejects,
@@ -424,10 +425,16 @@ class StageRef:
         params = bound.config.model_dump(mode="json", by_alias=True)
         return cls(bound.name, bound.type, params, bound.resources.batch_size, base_dir)
 
-    def build(self, seed: int) -> Stage:
+    def build(self, seed: int, layout: Layout | None = None) -> Stage:
         stage_cls = get_stage_class(self.type)
         config = stage_cls.Config.model_validate(self.params)
-        context = StageContext(name=self.name, seed=seed, base_dir=self.base_dir)
+        context = StageContext(
+            name=self.name,
+            seed=seed,
+            base_dir=self.base_dir,
+            state_dir=layout.state(self.name) if layout is not None else None,
+            storage=layout.opts if layout is not None else LOCAL,
+        )
         return stage_cls(config, context)
 
 
@@ -446,7 +453,7 @@ class StageGroup:
         # Plugin classes cannot travel pickled (a fresh worker may not import their
         # module before unpickling), so stages travel as plain data and are rebuilt here.
         load_plugins(plugins)
-        self.stages = [(ref.name, ref.build(seed), ref.batch_size) for ref in stages]
+        self.stages = [(ref.name, ref.build(seed, layout), ref.batch_size) for ref in stages]
         for _, stage, _ in self.stages:
             stage.setup()
         self.layout = layout

@@ -25,6 +25,8 @@ import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel, ByteSize, ConfigDict, Field
 
+from curate.io.storage import LOCAL, StorageOptions
+
 if TYPE_CHECKING:
     import ray.data
 
@@ -92,6 +94,10 @@ class StageContext:
     text_column: str = "text"
     #: Folder relative paths in the stage's config (models) are resolved against.
     base_dir: str = "."
+    #: Where the stage may keep state that outlives an actor (request caches):
+    #: ``<output>/_state/<stage>`` on the run's storage; None outside a run.
+    state_dir: str | None = None
+    storage: StorageOptions = LOCAL
 
 
 class Stage(ABC):
@@ -128,6 +134,11 @@ class Stage(ABC):
         """Model references this stage loads, by role (``{"model": "lid.176"}``); the
         DAG check resolves them and the manifest records their fingerprints."""
         return {}
+
+    @classmethod
+    def resources_for(cls, config: StageConfig) -> Resources:
+        """Default resources for this config (``default_resources`` unless overridden)."""
+        return cls.default_resources
 
     def setup(self) -> None:  # noqa: B027 - optional hook, empty by design
         """Load heavy state (models, tables); called once per actor."""

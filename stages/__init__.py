@@ -24,4 +24,5 @@ BUILTIN_STAGES: dict[str, str] = {
     "percentile_bucket": "curate.stages.score_filters:PercentileBucket",
     "clip_score": "curate.stages.clip_score:ClipScore",
     "basic_filter": "curate.stages.basic_filter:BasicFilter",
+    "mllm_score": "curate.stages.mllm_score:MllmScore",
 }

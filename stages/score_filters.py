@@ -55,17 +55,20 @@ DATACOMP_THRESHOLDS: dict[str, dict[int, float]] = {
 }  # fmt: skip
 
 
-def _score_presets() -> dict[str, float]:
+def _score_presets() -> dict[str, tuple[str, float]]:
     presets = {
-        f"datacomp_{model}_{pct}": t
+        f"datacomp_{model}_{pct}": ("clip_score", t)
         for model, table in DATACOMP_THRESHOLDS.items()
         for pct, t in table.items()
     }
-    presets["laion2b"] = 0.28  # DataComp's LAION-2B reproduction: B/32 >= 0.28 (+ English)
+    # DataComp's LAION-2B reproduction: B/32 >= 0.28 (+ English)
+    presets["laion2b"] = ("clip_score", 0.28)
+    # Open-Qwen2VL: MLM-Filter semantic understanding >= 85 (SPECS §2.1)
+    presets["open_qwen2vl_su"] = ("mlm_su", 85.0)
     return presets
 
 
-#: ``preset`` name -> minimum ``clip_score`` (cosine, ``scale: cosine``).
+#: ``preset`` name -> (column, minimum); CLIP scores are cosines (``scale: cosine``).
 SCORE_PRESETS = _score_presets()
 
 
@@ -75,7 +78,9 @@ class ScoreFilterConfig(StageConfig):
 
     ``preset: datacomp_<b32|l14>_<pct>`` sets ``column: clip_score`` and ``min`` to
     the cosine threshold that kept ``pct`` % of DataComp's pool with that CLIP model
-    (pct in 1, 3, 10, 20, 30, 40, 50, 75, 90); ``preset: laion2b`` is B/32 ≥ 0.28.
+    (pct in 1, 3, 10, 20, 30, 40, 50, 75, 90); ``preset: laion2b`` is B/32 ≥ 0.28;
+    ``preset: open_qwen2vl_su`` is ``mlm_su`` ≥ 85 (MLM-Filter's semantic
+    understanding, as Open-Qwen2VL filters).
     On another pool the kept share differs: ``percentile_filter`` keeps an exact
     share instead."""
 
@@ -94,7 +99,8 @@ class ScoreFilterConfig(StageConfig):
             raise ValueError(
                 f"unknown preset {name!r}; expected one of {', '.join(sorted(SCORE_PRESETS))}"
             )
-        return {"column": "clip_score", "min": SCORE_PRESETS[name], **data}
+        column, low = SCORE_PRESETS[name]
+        return {"column": column, "min": low, **data}
 
     @model_validator(mode="after")
     def _bounds(self) -> ScoreFilterConfig:

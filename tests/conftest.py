@@ -30,7 +30,7 @@ def user_files(root: Path) -> dict[str, bytes]:
     out = {}
     for path in sorted(root.rglob("*")):
         rel = path.relative_to(root).as_posix()
-        if not path.is_file() or rel.startswith(("_commits/", "_work/", "_cache/", ".")):
+        if not path.is_file() or rel.startswith(("_commits/", "_work/", "_cache/", "_state/", ".")):
             continue
         data = path.read_bytes()
         if rel == "manifest.json":

@@ -226,9 +226,10 @@ def test_basic_filter_rules_in_order() -> None:
 
 
 def test_datacomp_presets() -> None:
-    assert SCORE_PRESETS["datacomp_l14_30"] == 0.243
-    assert SCORE_PRESETS["datacomp_b32_30"] == 0.281
-    assert SCORE_PRESETS["laion2b"] == 0.28
+    assert SCORE_PRESETS["datacomp_l14_30"] == ("clip_score", 0.243)
+    assert SCORE_PRESETS["datacomp_b32_30"] == ("clip_score", 0.281)
+    assert SCORE_PRESETS["laion2b"] == ("clip_score", 0.28)
+    assert SCORE_PRESETS["open_qwen2vl_su"] == ("mlm_su", 85.0)
     cfg = ScoreFilterConfig.model_validate({"preset": "datacomp_b32_10"})
     assert (cfg.column, cfg.min, cfg.max) == ("clip_score", 0.325, None)
     own = ScoreFilterConfig.model_validate({"preset": "laion2b", "column": "b32"})

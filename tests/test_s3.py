@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -10,7 +11,7 @@ import sys
 import textwrap
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,8 @@ from wds_util import sample, tar_bytes
 from curate.io import storage
 from curate.io.files import InputError, list_shards
 from curate.io.storage import StorageError, StorageOptions
+from curate.mllm.backend import Answer, Backend, Request
+from curate.mllm.cache import CachedBackend, RequestCache
 
 pytestmark = [pytest.mark.s3, pytest.mark.usefixtures("ray_s3")]
 
@@ -276,3 +279,34 @@ def test_literal_brackets_in_a_key(opts: StorageOptions) -> None:
     uri = f"s3://{BUCKET}/lit/[2024]/x.jsonl"
     storage.write_bytes(uri, b'{"text": "a"}\n', opts)
     assert [s.uri for s in list_shards(uri, Path("."), opts)] == [uri]
+
+
+class _Numbered(Backend):
+    """An inner backend that numbers its answers: which requests reached it shows."""
+
+    fingerprint = "numbered"
+
+    def __init__(self) -> None:
+        self.asked = 0
+
+    def generate(self, requests: Sequence[Request]) -> list[Answer]:
+        self.asked += len(requests)
+        return [Answer(text=f"{r.prompt}:{self.asked}") for r in requests]
+
+
+def test_request_cache_on_s3(opts: StorageOptions) -> None:
+    """The MLLM request cache keeps its chunks on S3: a second backend over the same
+    prefix answers everything from them."""
+    root = f"s3://{BUCKET}/runs/llm-cache"
+    first_inner = _Numbered()
+    first = CachedBackend(first_inner, RequestCache(root, opts))
+    answers = first.generate([Request(prompt="a"), Request(prompt="b")])
+    first.close()
+    inner = _Numbered()
+    again = CachedBackend(inner, RequestCache(root, opts))
+    got = again.generate([Request(prompt="a"), Request(prompt="b"), Request(prompt="c")])
+    assert [a.text for a in got[:2]] == [a.text for a in answers]
+    assert got[0].cached and not got[2].cached
+    assert inner.asked == 1 and again.stats["hits"] == 2
+    names = [f.uri.rsplit("/", 1)[1] for f in storage.list_prefix(root, opts)]
+    assert len(names) == 1 and re.fullmatch(r"[0-9a-f]{32}-000000\.jsonl", names[0])

@@ -161,7 +161,7 @@ def _bind_stages(spec: PipelineSpec, pos: Positions, issues: list[Issue]) -> dic
         if len(set(inputs[name])) != len(inputs[name]):
             issues.append(pos.issue((*loc, "input"), "an input is listed twice"))
             continue
-        resources = cls.default_resources
+        resources = cls.resources_for(config)
         if stage.resources is not None:  # the YAML's fields over the stage's defaults
             given = stage.resources.model_fields_set
             resources = resources.model_copy(update={k: getattr(stage.resources, k) for k in given})

@@ -59,6 +59,10 @@ class Layout:
     def index(self, sink: str, unit: int) -> str:
         return self._join(sink, "index", f"part-{unit:06d}.parquet")
 
+    def state(self, stage: str) -> str:
+        """State a stage keeps across actors and resumed runs (request caches)."""
+        return self._join("_state", stage)
+
     def commits(self) -> str:
         return self._join("_commits")
 
