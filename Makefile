@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.curate-installed
 
-.PHONY: setup demo test check lint types pytest bench lock clean text-quality image-text-clip
+.PHONY: setup demo test check lint types pytest bench lock clean text-quality image-text-clip image-text-mlm
 
 setup: $(STAMP)
 
@@ -18,7 +18,7 @@ $(STAMP): requirements/lock.txt requirements/nodeps.txt pyproject.toml
 demo: setup
 	$(BIN)/curate run pipelines/demo_text.yaml --output out/demo_text --overwrite
 	$(BIN)/curate run pipelines/demo_image_text.yaml --output out/demo_image_text --overwrite
-	$(MAKE) --no-print-directory image-text-clip
+	$(MAKE) --no-print-directory image-text-clip image-text-mlm
 
 # DataComp-style CLIP filtering of the bundled pairs, with a self-built tiny CLIP checkpoint.
 CLIP_CKPT := pipelines/models/curate-tiny-clip.pt
@@ -26,6 +26,13 @@ $(CLIP_CKPT): | setup
 	$(BIN)/curate build-clip curate-tiny-clip -o $@ --seed 0
 image-text-clip: setup $(CLIP_CKPT)
 	$(BIN)/curate run pipelines/image_text_clip.yaml --output out/image_text_clip --overwrite
+
+# MLM-Filter scoring (Open-Qwen2VL's SU >= 85) with a self-built tiny in-process MLLM.
+TINY_VLM := pipelines/models/tiny-vlm
+$(TINY_VLM): | setup
+	$(BIN)/curate build-tiny-mllm -o $@ --seed 0
+image-text-mlm: setup $(TINY_VLM)
+	$(BIN)/curate run pipelines/image_text_mlm.yaml --output out/image_text_mlm --overwrite
 
 # The text quality stack on real data: fetch Debian descriptions (apt) and build the
 # low-quality set, train the quality classifier and the n-gram LM, run the pipeline.

@@ -19,6 +19,7 @@ from curate.api import run
 from curate.mllm.local import TransformersBackend
 from curate.mllm.serve import BackendServer, serve
 from curate.mllm.tiny import build_tiny_vlm
+from curate.models import resolve
 from curate.stage import StageContext
 
 CAPTIONS = [
@@ -239,3 +240,28 @@ def test_pipeline_over_a_flaky_server_and_resume(
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+def test_bundled_mlm_pipeline(ray_local: None, model_dir: Path, tmp_path: Path) -> None:
+    """pipelines/image_text_mlm.yaml on the bundled pairs with the tiny in-process model."""
+    import shutil
+
+    from conftest import REPO
+
+    data = REPO / "pipelines" / "data" / "demo_image_text"
+    shutil.copytree(data, tmp_path / "data" / "demo_image_text")
+    shutil.copytree(model_dir, tmp_path / "models" / "tiny-vlm")
+    pipe = tmp_path / "image_text_mlm.yaml"
+    shutil.copy(REPO / "pipelines" / "image_text_mlm.yaml", pipe)
+    manifest = run(str(pipe), str(tmp_path / "out"), overwrite=True).manifest
+    stages = {s["name"]: s for s in manifest["stages"]}
+    assert stages["mlm"]["rows_in"] == stages["basic"]["kept"] > 0
+    for s in manifest["stages"]:
+        assert s["rows_in"] == s["kept"] + s["dropped"], s["name"]
+    scored = read_sink(tmp_path / "out" / "scored")
+    assert scored.num_rows == stages["mlm"]["kept"]
+    assert {"mlm_su", "mlm_itm", "mlm_su_raw"} <= set(scored.column_names)
+    models = {(m["stage"], m["role"]): m for m in manifest["models"]}
+    assert models["mlm", "backend.model"]["sha256"] == resolve(str(model_dir)).sha256
+    expected = sum(v >= 85 for v in scored.column("mlm_su").to_pylist())
+    assert stages["keep"]["kept"] == expected
