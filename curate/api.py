@@ -51,7 +51,7 @@ def cache_dir(pipeline: Pipeline, out: str) -> str:
 
 RUN_MARKER = ".curate-run"
 #: What ``--overwrite`` keeps: the stage cache outlives the runs that filled it.
-KEPT_ON_OVERWRITE = ("_cache",)
+KEPT_ON_OVERWRITE = ("_cache", "_state")
 
 
 class OutputExistsError(FileExistsError):

@@ -38,7 +38,7 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image
 
-from curate.io.webdataset import FORMATS, pixel_limit
+from curate.io.webdataset import FORMATS, pil_error, pixel_limit
 
 #: Architectures shipped with curate (JSON configs in ``curate/clip_configs``).
 CONFIG_DIR = Path(__file__).parent / "clip_configs"
@@ -129,8 +129,8 @@ def build_checkpoint(
 
 def to_rgb(img: Image.Image) -> Image.Image:
     """RGB, with transparent pixels composited on white."""
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
+    if img.mode in ("P", "L", "RGB") and "transparency" in img.info:
+        img = img.convert("RGBA")  # a palette or tRNS transparent colour
     if img.mode in ("RGBA", "LA", "PA"):
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -151,7 +151,7 @@ def decode(payload: bytes, max_pixels: int) -> Image.Image | tuple[str, str]:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         return "image_too_large", str(exc)
     except Exception as exc:  # Pillow raises many types for garbage
-        return "bad_image", f"{type(exc).__name__}: {exc}"
+        return "bad_image", pil_error(exc)
 
 
 @dataclass(frozen=True)
@@ -192,11 +192,36 @@ class CropSpec:
         steps = [t for t in full.transforms if type(t).__name__ not in skip]
 
         def apply(img: Image.Image) -> Image.Image:
+            img = window(img)
             for step in steps:
                 img = step(img)
             return img
 
         return apply
+
+
+#: Longest side / shortest side beyond which an image is first cut to a centred
+#: window of this ratio (see :func:`window`).
+WINDOW_ASPECT = 4.0
+
+
+def window(img: Image.Image) -> Image.Image:
+    """A very long or tall image cut to its centred ``WINDOW_ASPECT`` window.
+
+    open_clip resizes the *shorter* side to the model's size before the centre
+    crop, so a 1 x 100,000 image would become a 224 x 22,400,000 intermediate
+    (tens of GB).  The centre crop only ever keeps the middle square, which lies
+    well inside the window, so only images beyond the ratio are touched (their
+    crop may differ from open_clip's by the rounding of the crop offset).
+    """
+    width, height = img.size
+    short, long = min(width, height), max(width, height)
+    if long <= WINDOW_ASPECT * short:
+        return img
+    keep = int(WINDOW_ASPECT * short)
+    start = (long - keep) // 2
+    box = (start, 0, start + keep, height) if width > height else (0, start, width, start + keep)
+    return img.crop(box)
 
 
 def pixels_of(

@@ -122,8 +122,21 @@ def _folder_digest(path: str) -> tuple[int, str]:
     return total, digest.hexdigest()
 
 
+#: ``hub:<tag>`` references (open_clip pretrained tags) download at run time, so they
+#: are refused unless this variable is ``1`` (an online cluster).
+ALLOW_DOWNLOADS = "CURATE_ALLOW_DOWNLOADS"
+
+
 def resolve(ref: str, base_dir: str | Path = ".", opts: StorageOptions = LOCAL) -> ModelFile:
     """Resolve and fingerprint a model reference (a file, or a local model folder)."""
+    if ref.startswith("hub:"):
+        if os.environ.get(ALLOW_DOWNLOADS) != "1":
+            raise ModelError(
+                f"model {ref!r} would be downloaded at run time; download it once and give "
+                f"its path (or s3:// URI), or set {ALLOW_DOWNLOADS}=1 on a machine that is "
+                "online (the manifest then records the tag, not a fingerprint)"
+            )
+        return ModelFile(ref, "", 0, "unverified: downloaded by tag at run time")
     path = local_path(ref, base_dir, opts)
     if os.path.isdir(path):
         size, sha = _folder_digest(path)

@@ -19,6 +19,7 @@ import itertools
 import json
 import os
 import time
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -685,25 +686,14 @@ class Runner:
         ds = self._dataset(reads)
         targets = self._targets(segment)
         groups = segment.groups
-        base = str(Path(self.plan.pipeline.base_dir).resolve())
         for i, group in enumerate(groups):
             bound = [self.plan.pipeline.stages[n] for n in group]
             last = i == len(groups) - 1
-            ds = ds.map_batches(
-                StageGroup,
-                fn_constructor_args=(
-                    [StageRef.of(b, base) for b in bound],
-                    self.plan.pipeline.spec.seed,
-                    self.layout,
-                    targets if last else [],
-                    segment.index,
-                    plugin_locations(self.plan.pipeline.spec.plugins),
-                ),
-                batch_size=None,
-                batch_format="pyarrow",
-                zero_copy_batch=True,
-                **_ray_args(bound[0], len(reads), len(groups)),
-            )
+            with warnings.catch_warnings():
+                # GPU requests go through ray_remote_args_fn (see _ray_args), which Ray
+                # 2.60 marks deprecated from 2.64; Ray is pinned to 2.60 here.
+                warnings.filterwarnings("ignore", message=".*ray_remote_args_fn.*")
+                ds = self._map_group(ds, bound, len(reads), len(groups), targets, segment, last)
         if not groups:
             ds = ds.map_batches(
                 functools.partial(
@@ -716,6 +706,34 @@ class Runner:
         for row in ds.take_all():
             self.reports.extend(json.loads(row["reports"]))
         self._mark_done(segment)
+
+    def _map_group(
+        self,
+        ds: ray.data.Dataset,
+        bound: list[BoundStage],
+        n_units: int,
+        n_groups: int,
+        targets: list[Target],
+        segment: Segment,
+        last: bool,
+    ) -> ray.data.Dataset:
+        """One fused group of map stages as a ``map_batches`` over an actor pool."""
+        base = str(Path(self.plan.pipeline.base_dir).resolve())
+        return ds.map_batches(
+            StageGroup,
+            fn_constructor_args=(
+                [StageRef.of(b, base) for b in bound],
+                self.plan.pipeline.spec.seed,
+                self.layout,
+                targets if last else [],
+                segment.index,
+                plugin_locations(self.plan.pipeline.spec.plugins),
+            ),
+            batch_size=None,
+            batch_format="pyarrow",
+            zero_copy_batch=True,
+            **_ray_args(bound[0], n_units, n_groups),
+        )
 
     def _mark_done(self, segment: Segment) -> None:
         for kind, name in segment.targets:
@@ -789,13 +807,20 @@ def _write_unit_decisions(
     return out
 
 
+def _gpu_args(gpus: float) -> dict[str, Any]:
+    return {"num_gpus": gpus}
+
+
 def _ray_args(bound: BoundStage, n_units: int, n_groups: int) -> dict[str, Any]:
     """Ray resources and pool size of a group's actors."""
     res = bound.resources
     args: dict[str, Any] = {"num_cpus": res.num_cpus}
-    gpus = res.gpus(cluster_resources().get("GPU", 0.0))
+    total_gpus = cluster_resources().get("GPU", 0.0)
+    gpus = res.gpus(total_gpus)
     if gpus:
-        args["num_gpus"] = gpus
+        # Ray Data refuses ``num_gpus`` without a ``batch_size``; a unit is one batch
+        # here, so the GPU request goes through the per-actor remote args instead.
+        args["ray_remote_args_fn"] = functools.partial(_gpu_args, gpus)
     if res.memory:
         args["memory"] = int(res.memory)
     if isinstance(res.concurrency, int):
@@ -806,6 +831,8 @@ def _ray_args(bound: BoundStage, n_units: int, n_groups: int) -> dict[str, Any]:
     else:
         cpus = cluster_resources().get("CPU", 1.0)
         per_group = max(1, int(cpus / max(res.num_cpus, 0.01) / n_groups))
+        if gpus:
+            per_group = min(per_group, max(1, int(total_gpus / gpus)))
         args["compute"] = ray.data.ActorPoolStrategy(
             min_size=1, max_size=max(1, min(per_group, n_units))
         )

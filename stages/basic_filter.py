@@ -6,12 +6,12 @@ the drop reason (``basic_filter:<rule>``, the measured value in the rejects):
 
 * ``not_english``: fastText ``lid.176``'s top language for the caption (newlines
   replaced by spaces) is not ``language`` (``en``); the value is the language found;
+* ``bad_image`` / ``image_too_large``: the image header cannot be read, or it
+  promises more than ``max_pixels`` pixels;
 * ``few_words``: fewer than ``min_words`` (3: DataComp keeps "> 2") whitespace words;
 * ``few_chars``: fewer than ``min_chars`` (6: "> 5") characters;
 * ``too_small``: the image's shorter side is below ``min_side`` (200 px);
-* ``bad_aspect``: longer side / shorter side above ``max_aspect`` (3);
-* ``bad_image`` / ``image_too_large``: the image header cannot be read, or it
-  promises more than ``max_pixels`` pixels.
+* ``bad_aspect``: longer side / shorter side above ``max_aspect`` (3).
 
 Image sizes come from the header (no pixel is decoded), as DataComp uses the
 original width and height from its metadata.  Any rule is switched off with

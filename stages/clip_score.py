@@ -83,9 +83,7 @@ class ClipScore(Filter):
 
     def models(self) -> Mapping[str, str]:
         cfg = self.config
-        refs = {}
-        if not cfg.checkpoint.startswith(clip.HUB_PREFIX):
-            refs["checkpoint"] = cfg.checkpoint
+        refs = {"checkpoint": cfg.checkpoint}  # a hub: tag is checked, not fingerprinted
         if cfg.arch_config:
             refs["arch_config"] = cfg.arch_config
         return refs

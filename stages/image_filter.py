@@ -106,16 +106,17 @@ class ImageFilter(Filter):
         n = batch.num_rows
         reason = np.full(n, None, dtype=object)
         value = np.full(n, None, dtype=object)
-        images: list[Image.Image | None] = [None] * n
+        # crops only: a decoded image is dropped as soon as its row is decided
+        pixels: list[bytes | None] = [None] * n
         for i, payload in enumerate(batch.column("image").to_pylist()):
             measured = self._measure(payload, cfg)
-            if isinstance(measured, Image.Image):
-                images[i] = measured
-                measured = measured.size
-            if isinstance(measured[0], str):
-                reason[i] = f"{measured[0]}:{measured[1]}"
+            image = measured if isinstance(measured, Image.Image) else None
+            size = image.size if image is not None else measured
+            assert isinstance(size, tuple)
+            if isinstance(size[0], str):
+                reason[i] = f"{size[0]}:{size[1]}"
                 continue
-            width, height = int(measured[0]), int(measured[1])
+            width, height = int(size[0]), int(size[1])
             value[i] = f"{width}x{height}"
             short, long = min(width, height), max(width, height)
             if cfg.min_side is not None and short < cfg.min_side:
@@ -124,20 +125,14 @@ class ImageFilter(Filter):
                 reason[i] = "too_big"
             elif cfg.max_aspect is not None and long > cfg.max_aspect * short:
                 reason[i] = "bad_aspect"
+            elif image is not None:
+                pixels[i] = self._crop(image)
+                if pixels[i] is None:
+                    reason[i] = "bad_image:crop is not square RGB"
         keep = np.asarray(reason == None, dtype=bool)  # noqa: E711 - elementwise
         value[keep] = None
         out = None
         if cfg.preprocess is not None:
-            if self.crop is None:
-                self.setup()
-            transform, size = self.crop
-            pixels = [
-                transform(img).tobytes() if k and img is not None else None
-                for k, img in zip(keep, images, strict=True)
-            ]
-            for i, p in enumerate(pixels):
-                if keep[i] and (p is None or len(p) != size * size * 3):
-                    keep[i], reason[i] = False, f"bad_image:crop is not {size}x{size} RGB"
             out = set_column(batch, cfg.preprocess.column, pa.array(pixels, pa.binary()))
         return Verdict(
             keep=keep,
@@ -145,6 +140,16 @@ class ImageFilter(Filter):
             value=pa.array(value, pa.string()),
             batch=out,
         )
+
+    def _crop(self, image: Image.Image) -> bytes | None:
+        """The model-ready crop's uint8 HWC bytes, or None when it is not size x size RGB."""
+        if self.crop is None:
+            self.setup()
+        transform, size = self.crop
+        crop = transform(image)
+        if crop.mode != "RGB" or crop.size != (size, size):
+            return None
+        return bytes(crop.tobytes())
 
     def _measure(
         self, payload: bytes | None, cfg: ImageFilterConfig

@@ -26,8 +26,10 @@ With ``guided: true`` the answer is constrained to the score format (vLLM's
 decoding).  MLM-Filter's models need no constraint, so it is off by default.
 
 Answers are cached by (model fingerprint, request) under the run's
-``_state/<stage>/requests`` (or the ``request_cache:`` folder or ``s3://`` prefix), so a
-resumed run does not ask again for what it already has.
+``_state/<stage>/requests`` (or the ``request_cache:`` folder or ``s3://`` prefix;
+``--overwrite`` keeps ``_state``), so a resumed or repeated run does not ask again
+for what it already has, and asks again for what failed.  The stage cache is off
+by default for this stage (``cache: true`` would keep failed rows failed).
 """
 
 from __future__ import annotations
@@ -168,7 +170,9 @@ class MllmScore(Filter):
     config: MllmScoreConfig
     requires = (Requirement("requests", "requests"),)
     reason_details: ClassVar[bool] = True
-    cache_default: ClassVar[bool] = True
+    # Off: a cached stage entry would freeze backend_error rows; the request cache
+    # already spares every answer a second ask.
+    cache_default: ClassVar[bool] = False
     backend: Backend | None = None
 
     @classmethod
@@ -272,6 +276,8 @@ class MllmScore(Filter):
 
     @staticmethod
     def _parse(answer: Answer) -> int | tuple[str, str]:
+        if answer.error is not None and answer.error.startswith("bad_image"):
+            return "bad_image", answer.error[:200]  # the in-process model could not decode it
         if answer.error is not None or answer.text is None:
             return "backend_error", (answer.error or "no answer")[:200]
         got = mlm_filter.parse_score(answer.text)

@@ -307,3 +307,36 @@ def test_bundled_pipeline_runs_and_is_deterministic(
 
     run(str(pipe), str(tmp_path / "b"), overwrite=True)
     assert user_files(tmp_path / "a") == user_files(tmp_path / "b")
+
+
+def test_extreme_aspect_is_cropped_to_a_window_first() -> None:
+    """open_clip resizes the shorter side first: a 1 x 100,000 image would become a
+    64 x 6.4 M intermediate; the window keeps the work bounded."""
+    buf = io.BytesIO()
+    Image.new("RGB", (100_000, 1), (10, 200, 10)).save(buf, format="PNG")
+    spec = clip.CropSpec("curate-tiny-clip")
+    got = clip.pixels_of(buf.getvalue(), spec.transform(), spec.size, 10**8)
+    assert isinstance(got, bytes) and len(got) == 64 * 64 * 3
+    assert clip.window(Image.new("RGB", (1, 100_000))).size == (1, 4)
+    assert clip.window(Image.new("RGB", (900, 300))).size == (900, 300)  # within 4:1: untouched
+
+
+def test_transparency_goes_on_white_and_errors_are_stable() -> None:
+    img = Image.new("RGB", (4, 4), (0, 0, 0))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", transparency=(0, 0, 0))  # a tRNS colour: all transparent
+    decoded = clip.decode(buf.getvalue(), 10**6)
+    assert isinstance(decoded, Image.Image) and decoded.getpixel((0, 0)) == (255, 255, 255)
+    first = clip.decode(b"garbage" * 10, 10**6)
+    again = clip.decode(b"garbage" * 10, 10**6)
+    assert first == again and first[0] == "bad_image" and "0x" not in first[1]
+
+
+def test_hub_checkpoints_are_refused_offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    from curate.models import ModelError, resolve
+
+    monkeypatch.delenv("CURATE_ALLOW_DOWNLOADS", raising=False)
+    with pytest.raises(ModelError, match="downloaded at run time"):
+        resolve("hub:laion2b_s34b_b79k")
+    monkeypatch.setenv("CURATE_ALLOW_DOWNLOADS", "1")
+    assert resolve("hub:laion2b_s34b_b79k").sha256.startswith("unverified")

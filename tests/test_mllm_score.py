@@ -237,6 +237,14 @@ def test_pipeline_over_a_flaky_server_and_resume(
         run(str(pipe), str(tmp_path / "again"), overwrite=True)
         assert srv.served == served
         assert user_files(tmp_path / "out") == user_files(tmp_path / "again")
+        # without request_cache: the run's own _state, which --overwrite keeps
+        own = tmp_path / "own.yaml"
+        own.write_text(PIPE.replace('    request_cache: "{cache}"\n', "").format(url=srv.base_url))
+        run(str(own), str(tmp_path / "own"))
+        served = srv.served
+        run(str(own), str(tmp_path / "own"), ["stages.keep.min=50"], overwrite=True)
+        assert srv.served == served
+        assert list((tmp_path / "own" / "_state" / "mlm" / "requests").glob("*.jsonl"))
     finally:
         srv.shutdown()
         srv.server_close()

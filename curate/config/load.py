@@ -177,7 +177,7 @@ def _bind_stages(spec: PipelineSpec, pos: Positions, issues: list[Issue]) -> dic
 
 
 #: Folders of the output root that a sink may not take.
-RESERVED_SINK_NAMES = {"rejects", "_work", "_commits", "_cache"}
+RESERVED_SINK_NAMES = {"rejects", "_work", "_commits", "_cache", "_state"}
 
 
 def _check_names(spec: PipelineSpec, pos: Positions, issues: list[Issue]) -> None:

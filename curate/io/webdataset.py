@@ -254,6 +254,15 @@ def _add_member(sample: Sample, member: Member, ext: str, data: bytes) -> None:
 #: Formats Pillow may open: raster formats only (no EPS, which would run Ghostscript).
 FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 
+_ADDRESS = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
+
+
+def pil_error(exc: BaseException) -> str:
+    """``Type: message`` of a Pillow error, without the object addresses Pillow puts
+    in some messages (``<_io.BytesIO object at 0x7f…>``): reasons must not change
+    from run to run."""
+    return f"{type(exc).__name__}: {_ADDRESS.sub('<bytes>', str(exc))}"
+
 
 @contextlib.contextmanager
 def pixel_limit(max_pixels: int) -> Iterator[None]:
@@ -311,7 +320,7 @@ def image_size(
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             return "image_too_large", str(exc)
         except Exception as exc:  # PIL raises many types for garbage
-            return "bad_image", f"{type(exc).__name__}: {exc}"
+            return "bad_image", pil_error(exc)
     width, height = size
     if width <= 0 or height <= 0 or width >= 2**31 or height >= 2**31:
         return "bad_image", f"header says {width}x{height}"

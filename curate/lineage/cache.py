@@ -37,7 +37,7 @@ from curate.lineage.commits import files_of
 from curate.registry import get_stage_class
 
 #: Libraries whose version can change what a stage writes.
-_LIBRARIES = ("pyarrow", "numpy", "pillow", "xxhash")
+_LIBRARIES = ("pyarrow", "numpy", "pillow", "xxhash", "torch", "open_clip_torch", "transformers")
 
 
 def ancestors(pipeline: Pipeline, node: str) -> set[str]:

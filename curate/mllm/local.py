@@ -61,7 +61,6 @@ from __future__ import annotations
 
 import gc
 import hashlib
-import io
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,9 +102,10 @@ def directory_fingerprint(path: str | Path) -> str:
 
 
 def _resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    # ``auto``: the GPU Ray gave this actor, never an unreserved one it can merely see
+    from curate.clip import pick_device
+
+    return torch.device(pick_device(device))
 
 
 def _resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -292,7 +292,9 @@ class TransformersBackend(Backend):
         dtype: str = "auto",
         batch_size: int = 8,
         fingerprint: str | None = None,
+        max_pixels: int = 89_478_485,
     ) -> None:
+        self.max_pixels = max_pixels
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
         self.model_dir = str(model_dir)
@@ -360,16 +362,14 @@ class TransformersBackend(Backend):
     def _prepare(self, index: int, request: Request) -> tuple[_Prepared | None, Answer | None]:
         image = None
         if request.image is not None:
-            try:
-                from PIL import Image
+            # decompression bombs refused from the header, RGB with transparency on
+            # white, reasons free of object addresses: the same decoding as CLIP's
+            from curate.clip import decode
 
-                with Image.open(io.BytesIO(request.image)) as raw:
-                    raw.load()
-                    image = raw.convert("RGB")
-            except Exception as exc:  # PIL raises many types for bad data
-                # PIL's messages name the buffer's address; keep errors reproducible
-                message = regex.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "<bytes>", str(exc))
-                return None, Answer(text=None, error=f"bad_image: {type(exc).__name__}: {message}")
+            decoded = decode(request.image, self.max_pixels)
+            if isinstance(decoded, tuple):
+                return None, Answer(text=None, error=f"bad_image: {decoded[0]}: {decoded[1]}")
+            image = decoded
         constraint = None
         if request.regex is not None:
             try:
