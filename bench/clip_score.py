@@ -15,10 +15,13 @@ run, and must agree on every pair's score:
 ``curate``
     ``curate.api.run`` on a pipeline written here: WebDataset source ->
     ``image_filter`` (``decode: full``, ``preprocess: {arch}``: decode and crop in
-    CPU actors ahead of the scorer) -> ``clip_score`` -> Parquet sink (key and
-    score), on an embedded local Ray with every core, with the stages' default
-    resources and batch sizes.  The time is the whole ``run`` call: Ray start-up,
-    actors, model loading, the stage cache and lineage included.  The manifest's
+    CPU actors ahead of the scorer) -> ``clip_score`` -> Parquet sink (key, image
+    size and score), on an embedded local Ray with every core, one unit per tar,
+    with the stages' default resources and batch sizes (``clip_score`` is cached
+    by default: its output, images included, goes to the stage cache, then a
+    second pass writes the sink; ``--no-cache`` turns that off).  The time is the
+    whole ``run`` call: Ray start-up, actors, model loading, the stage cache and
+    lineage included; each run starts a fresh Ray and an empty output.  The manifest's
     run time (Ray start-up excluded) and per-stage busy seconds (the workers' time
     summed over units) are reported beside it.
 ``curate, inline``
@@ -57,7 +60,8 @@ Without that package the bundled demo tars are replicated under distinct keys.
     python bench/clip_score.py --arch curate-tiny-clip --pairs 2000
     python bench/clip_score.py --arch ViT-B-32 --pairs 500 --batch-sizes 32,64
     python bench/clip_score.py --variants preprocess,inline,fused
-    python bench/clip_score.py --device cuda --pairs 20000    # on a GPU machine
+    python bench/clip_score.py --repeat 2 --no-cache --json bench/out/clip_nocache.json
+    python bench/clip_score.py --device cuda --pairs 20000 --shards 40   # on a GPU machine
 """
 
 from __future__ import annotations
@@ -302,11 +306,17 @@ CROP = """\
 
 
 def pipeline_yaml(
-    variant: str, shards: list[Path], arch: str, ckpt: Path, device: str, precision: str
+    variant: str,
+    shards: list[Path],
+    arch: str,
+    ckpt: Path,
+    device: str,
+    precision: str,
+    cache: bool = True,
 ) -> Path:
     folder = shards[0].parent
     uri = f"{folder}/shard-{{000000..{len(shards) - 1:06d}}}.tar"
-    clip_extra = ""
+    clip_extra = "" if cache else "    cache: false\n"
     if device == "cpu":
         clip_extra += "    device: cpu\n"
         import torch
@@ -343,14 +353,20 @@ def quiet_ray() -> None:
 
 
 def curate_run(
-    variant: str, shards: list[Path], arch: str, ckpt: Path, device: str, precision: str
+    variant: str,
+    shards: list[Path],
+    arch: str,
+    ckpt: Path,
+    device: str,
+    precision: str,
+    cache: bool = True,
 ) -> Result:
     """One ``curate.api.run`` on a fresh output folder and a fresh embedded Ray."""
     import ray
 
     from curate import api
 
-    path = pipeline_yaml(variant, shards, arch, ckpt, device, precision)
+    path = pipeline_yaml(variant, shards, arch, ckpt, device, precision, cache)
     pools = pool_sizes(api.check(str(path)), len(shards), device)
     out = RUNS / f"{arch}-{variant}"
     shutil.rmtree(out, ignore_errors=True)  # no stage cache from an earlier run
@@ -518,7 +534,9 @@ def bench_arch(arch: str, n: int, args: argparse.Namespace, variants: list[str])
                 plain_pass(shards, arch, ckpt, batch, args.device, args.precision), f"plain {batch}"
             )
         for variant in variants:
-            result = curate_run(variant, shards, arch, ckpt, args.device, args.precision)
+            result = curate_run(
+                variant, shards, arch, ckpt, args.device, args.precision, not args.no_cache
+            )
             keep(result, result.contestant)
     plain = best["plain"]
     plain.detail["seconds_by_batch_size"] = {b: times[f"plain {b}"] for b in batches}
@@ -604,6 +622,13 @@ def main() -> None:
     parser.add_argument(
         "--repeat", type=int, default=1, help="best of this many runs of every contestant"
     )
+    parser.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="clip_score with cache: false (by default it is cached: its output, images "
+        "included, goes to the stage cache and a second pass writes the sink)",
+    )
+    parser.add_argument("--json", default=str(OUT / "clip_score.json"), help="results file")
     parser.add_argument("--verbose", action="store_true", help="keep Ray Data's progress logs")
     args = parser.parse_args()
     if not args.verbose:
@@ -628,7 +653,7 @@ def main() -> None:
         f"machine: {os.cpu_count()} CPUs ({affinity} usable), device {args.device}; "
         f"load average {machine['load_before'][0]:.2f}"
     )
-    if machine["load_before"][0] > 0.5:
+    if machine["load_before"][0] > 0.5 * (os.cpu_count() or 1):
         print("  WARNING: the machine is busy; the timings will be noisy (see --repeat)")
 
     runs = [bench_arch(arch, pairs_of(arch), args, variants) for arch in args.arch or ARCHS]
@@ -644,16 +669,18 @@ def main() -> None:
     )
     report = {
         "machine": machine,
+        "command": sys.argv[1:],
+        "stage_cache": not args.no_cache,
         "device": args.device,
         "precision": args.precision,
         "tolerance": tolerance,
         "results": {run.arch: run.to_json() for run in runs},
         "disagreements": failures,
     }
-    OUT.mkdir(parents=True, exist_ok=True)
-    target = OUT / "clip_score.json"
+    target = Path(args.json).resolve()
+    target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"results: {target.relative_to(ROOT)}")
+    print(f"results: {os.path.relpath(target, ROOT)}")
     if failures:
         print(f"DISAGREEMENT (tolerance {tolerance:g}):\n  " + "\n  ".join(failures))
         raise SystemExit(1)
