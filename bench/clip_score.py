@@ -140,20 +140,25 @@ def demo_pairs(n: int) -> list[Pair]:
     """The bundled demo samples with an image and a caption, replicated to ``n``."""
     base: list[tuple[str, bytes]] = []
     for tar_path in sorted(DEMO.glob("shard-*.tar")):
-        samples: dict[str, dict[str, bytes]] = defaultdict(dict)
-        with tarfile.open(tar_path) as tar:
-            for member in tar:
-                handle = tar.extractfile(member) if member.isfile() else None
-                if handle is not None:
-                    key, _, ext = member.name.partition(".")
-                    samples[key][ext] = handle.read()
-        for members in samples.values():
+        for members in tar_samples(tar_path).values():
             png, txt = members.get("png"), members.get("txt")
             if png and txt and txt.strip() and decodes(png):
                 base.append((txt.decode("utf-8"), png))
     if not base:
         raise SystemExit(f"no usable samples in {DEMO}")
     return [Pair(f"demo-{i:06d}", *base[i % len(base)], meta={}) for i in range(n)]
+
+
+def tar_samples(path: Path) -> dict[str, dict[str, bytes]]:
+    """A WebDataset tar's members grouped by sample key: ``{key: {ext: bytes}}``."""
+    samples: dict[str, dict[str, bytes]] = defaultdict(dict)
+    with tarfile.open(path) as tar:
+        for member in tar:
+            handle = tar.extractfile(member) if member.isfile() else None
+            if handle is not None:
+                key, _, ext = member.name.partition(".")
+                samples[key][ext] = handle.read()
+    return samples
 
 
 def decodes(png: bytes) -> bool:
@@ -246,14 +251,7 @@ def plain_pass(
         captions.clear()
 
     for path in shards:
-        samples: dict[str, dict[str, bytes]] = defaultdict(dict)
-        with tarfile.open(path) as tar:
-            for member in tar:
-                handle = tar.extractfile(member) if member.isfile() else None
-                if handle is not None:
-                    key, _, ext = member.name.partition(".")
-                    samples[key][ext] = handle.read()
-        for key, members in samples.items():
+        for key, members in tar_samples(path).items():
             png, txt = members.get("png"), members.get("txt")
             if not png or not txt or not txt.strip():
                 continue

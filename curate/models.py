@@ -109,7 +109,7 @@ def _sha256(path: str, size: int, mtime_ns: int) -> str:
     return digest.hexdigest()
 
 
-def _folder_digest(path: str) -> tuple[int, str]:
+def folder_digest(path: str | Path) -> tuple[int, str]:
     """(bytes, sha256) of a model folder (a ``save_pretrained`` directory): the hash of
     every file's relative path and sha256, in path order."""
     digest = hashlib.sha256()
@@ -139,7 +139,7 @@ def resolve(ref: str, base_dir: str | Path = ".", opts: StorageOptions = LOCAL) 
         return ModelFile(ref, "", 0, "unverified: downloaded by tag at run time")
     path = local_path(ref, base_dir, opts)
     if os.path.isdir(path):
-        size, sha = _folder_digest(path)
+        size, sha = folder_digest(path)
         return ModelFile(ref, path, size, sha)
     st = os.stat(path)
     return ModelFile(ref, path, st.st_size, _sha256(path, st.st_size, st.st_mtime_ns))

@@ -34,6 +34,7 @@ by default for this stage (``cache: true`` would keep failed rows failed).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -119,18 +120,14 @@ def cached(backend: Backend, cache: bool | str, context: Any) -> Backend:
     from curate.mllm.cache import CachedBackend, RequestCache
 
     if isinstance(cache, str):
-        root = cache if storage.is_s3(cache) else local_path_or_new(cache, context.base_dir)
+        # a folder that may not exist yet, relative to the pipeline file
+        absolute = storage.is_s3(cache) or os.path.isabs(cache)
+        root = cache if absolute else os.path.join(context.base_dir, cache)
     elif context.state_dir is not None:
         root = storage.join(context.state_dir, "requests")
     else:
         return backend  # outside a run: nowhere to keep it
     return CachedBackend(backend, RequestCache(root, context.storage))
-
-
-def local_path_or_new(path: str, base_dir: str) -> str:
-    import os
-
-    return path if os.path.isabs(path) else os.path.join(base_dir, path)
 
 
 class MllmScoreConfig(StageConfig):

@@ -60,7 +60,6 @@ Design choices:
 from __future__ import annotations
 
 import gc
-import hashlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,17 +87,11 @@ _CACHE_LIMIT = 1_000_000
 
 
 def directory_fingerprint(path: str | Path) -> str:
-    """sha256 over the sorted (relative path, file sha256) pairs of a folder's files."""
-    root = Path(path)
-    files = sorted((p.relative_to(root).as_posix(), p) for p in root.rglob("*") if p.is_file())
-    digest = hashlib.sha256()
-    for rel, file in files:
-        h = hashlib.sha256()
-        with file.open("rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        digest.update(f"{rel}\x00{h.hexdigest()}\n".encode())
-    return digest.hexdigest()
+    """sha256 over the sorted (relative path, file sha256) pairs of a folder's files:
+    the model folder's fingerprint in a manifest (:func:`curate.models.folder_digest`)."""
+    from curate.models import folder_digest
+
+    return folder_digest(path)[1]
 
 
 def _resolve_device(device: str) -> torch.device:
