@@ -305,6 +305,7 @@ def run_stage(
         else [block.slice(i, batch_size) for i in range(0, max(rows_in, 1), batch_size)]
     )
     kept_parts, reject_parts = [], []
+    before = dict(stage.counters())
     for part in slices:
         kept, rejects = _run_one(name, stage, part)
         kept_parts.append(kept)
@@ -313,9 +314,13 @@ def run_stage(
     rejects = pa.concat_tables(reject_parts)
     written = write_rejects(layout.rejects(name, unit), rejects, layout.opts)
     seconds = time.perf_counter() - start
-    return kept, stage_report(
+    report = stage_report(
         name, unit, rows_in, rejects, seconds, written, details=stage.reason_details
     )
+    counted = {k: v - before.get(k, 0) for k, v in stage.counters().items()}
+    if any(counted.values()):
+        report["counters"] = {k: v for k, v in sorted(counted.items()) if v}
+    return kept, report
 
 
 def _run_one(name: str, stage: Stage, part: pa.Table) -> tuple[pa.Table, pa.Table]:

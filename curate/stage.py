@@ -143,6 +143,11 @@ class Stage(ABC):
     def setup(self) -> None:  # noqa: B027 - optional hook, empty by design
         """Load heavy state (models, tables); called once per actor."""
 
+    def counters(self) -> Mapping[str, int]:
+        """Running totals this actor's instance kept (requests, parse failures...);
+        the runner records each unit's increase, the manifest's stage row the sums."""
+        return {}
+
 
 class Annotator(Stage):
     """Adds columns; the output has exactly the input's rows, in order."""

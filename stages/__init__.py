@@ -25,4 +25,6 @@ BUILTIN_STAGES: dict[str, str] = {
     "clip_score": "curate.stages.clip_score:ClipScore",
     "basic_filter": "curate.stages.basic_filter:BasicFilter",
     "mllm_score": "curate.stages.mllm_score:MllmScore",
+    "capability_score": "curate.stages.capability_score:CapabilityScore",
+    "capability_select": "curate.stages.capability_select:CapabilitySelect",
 }

@@ -34,104 +34,26 @@ by default for this stage (``cache: true`` would keep failed rows failed).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
-from typing import Annotated, Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import pyarrow as pa
 from pydantic import Field, field_validator
 
-from curate.io import storage
 from curate.mllm import mlm_filter
-from curate.mllm.backend import Answer, Backend, Request
+from curate.mllm.backend import Answer, Request
+from curate.mllm.config import BackendStage, BackendStageConfig, answer_error
 from curate.stage import (
     Filter,
     Requirement,
-    Resources,
     StageConfig,
     Verdict,
     set_column,
 )
 
 
-class OpenAIBackendConfig(StageConfig):
-    kind: Literal["openai"]
-    #: e.g. ``http://127.0.0.1:8000/v1``; credentials never go here.
-    base_url: str
-    #: The served model's name.
-    model: str
-    #: Environment variable holding the API key (sent as a bearer token), if any.
-    api_key_env: str | None = None
-    concurrency: int = Field(16, ge=1)
-    timeout_s: float = Field(120.0, gt=0)
-    retries: int = Field(4, ge=0)
-    backoff_s: float = Field(0.5, ge=0)
-    max_backoff_s: float = Field(30.0, ge=0)
-
-
-class TransformersBackendConfig(StageConfig):
-    kind: Literal["transformers"]
-    #: A ``save_pretrained`` folder (relative to the pipeline file, or absolute).
-    model: str
-    device: str = "auto"
-    dtype: str = "auto"
-    batch_size: int = Field(8, ge=1)
-
-
-BackendConfig = Annotated[
-    OpenAIBackendConfig | TransformersBackendConfig, Field(discriminator="kind")
-]
-
-
-def build_backend(config: BackendConfig, base_dir: str, guided: bool) -> Backend:
-    """The backend a stage config names (heavy imports happen here, in the actor)."""
-    if isinstance(config, OpenAIBackendConfig):
-        from curate.mllm.http import OpenAIBackend
-
-        return OpenAIBackend(
-            config.base_url,
-            config.model,
-            api_key_env=config.api_key_env,
-            concurrency=config.concurrency,
-            timeout_s=config.timeout_s,
-            retries=config.retries,
-            backoff_s=config.backoff_s,
-            max_backoff_s=config.max_backoff_s,
-            guided="vllm" if guided else "none",
-        )
-    from curate.mllm.local import TransformersBackend
-    from curate.models import resolve
-
-    model = resolve(config.model, base_dir)
-    return TransformersBackend(
-        model.path,
-        device=config.device,
-        dtype=config.dtype,
-        batch_size=config.batch_size,
-        fingerprint=f"transformers:{model.sha256}",
-    )
-
-
-def cached(backend: Backend, cache: bool | str, context: Any) -> Backend:
-    """``backend`` behind the request cache the stage config asks for."""
-    if cache is False:
-        return backend
-    from curate.mllm.cache import CachedBackend, RequestCache
-
-    if isinstance(cache, str):
-        # a folder that may not exist yet, relative to the pipeline file
-        absolute = storage.is_s3(cache) or os.path.isabs(cache)
-        root = cache if absolute else os.path.join(context.base_dir, cache)
-    elif context.state_dir is not None:
-        root = storage.join(context.state_dir, "requests")
-    else:
-        return backend  # outside a run: nowhere to keep it
-    return CachedBackend(backend, RequestCache(root, context.storage))
-
-
-class MllmScoreConfig(StageConfig):
-    backend: BackendConfig
+class MllmScoreConfig(BackendStageConfig):
     #: Short (``itm``, ``odf``, ``ctq``, ``su``) or long metric names.
     metrics: list[str] = Field(default_factory=lambda: ["itm", "odf", "ctq", "su"], min_length=1)
     #: MLM-Filter's prompt template: ``v2`` (Qwen2.5 / GPT-4o models), ``v1`` (2024 models).
@@ -142,8 +64,6 @@ class MllmScoreConfig(StageConfig):
     #: Constrain answers to the score format (guided decoding).
     guided: bool = False
     keep_raw: bool = True
-    #: True: under the run's state folder; a folder or s3:// prefix; False: none.
-    request_cache: bool | str = True
     prefix: str = "mlm_"
 
     @field_validator("metrics")
@@ -160,7 +80,7 @@ class MllmScoreConfig(StageConfig):
         return names
 
 
-class MllmScore(Filter):
+class MllmScore(BackendStage, Filter):
     """Adds ``mlm_<metric>`` scores (and raw answers); unparseable answers are rejects."""
 
     Config: ClassVar[type[StageConfig]] = MllmScoreConfig
@@ -170,15 +90,6 @@ class MllmScore(Filter):
     # Off: a cached stage entry would freeze backend_error rows; the request cache
     # already spares every answer a second ask.
     cache_default: ClassVar[bool] = False
-    backend: Backend | None = None
-
-    @classmethod
-    def resources_for(cls, config: StageConfig) -> Resources:
-        assert isinstance(config, MllmScoreConfig)
-        if isinstance(config.backend, TransformersBackendConfig):
-            return Resources(num_gpus="auto")
-        # an HTTP client waits on the network: many threads, little CPU
-        return Resources(num_cpus=0.5)
 
     def reads(self) -> Sequence[str]:
         return ("image", self.context.text_column)
@@ -190,17 +101,6 @@ class MllmScore(Filter):
             if self.config.keep_raw:
                 out[f"{self.config.prefix}{metric}_raw"] = pa.string()
         return out
-
-    def models(self) -> Mapping[str, str]:
-        backend = self.config.backend
-        if isinstance(backend, TransformersBackendConfig):
-            return {"backend.model": backend.model}
-        return {}
-
-    def setup(self) -> None:
-        if self.backend is None:
-            inner = build_backend(self.config.backend, self.context.base_dir, self.config.guided)
-            self.backend = cached(inner, self.config.request_cache, self.context)
 
     def requests(self, caption: str, image: bytes) -> list[Request]:
         cfg = self.config
@@ -218,8 +118,6 @@ class MllmScore(Filter):
         ]
 
     def decide(self, batch: pa.Table) -> Verdict:
-        self.setup()
-        assert self.backend is not None
         cfg = self.config
         n, k = batch.num_rows, len(cfg.metrics)
         captions = batch.column(self.context.text_column).to_pylist()
@@ -236,8 +134,7 @@ class MllmScore(Filter):
             else:
                 asked.append(i)
                 requests.extend(self.requests(captions[i], images[i]))
-        answers = self.backend.generate(requests) if requests else []
-        self._flush()
+        answers = self.ask(requests)
         scores = np.zeros((n, k), dtype=np.int32)
         raw = np.full((n, k), None, dtype=object)
         for slot, i in enumerate(asked):
@@ -264,19 +161,12 @@ class MllmScore(Filter):
             batch=out,
         )
 
-    def _flush(self) -> None:
-        """Persist this batch's new answers: a crash later loses none of them."""
-        from curate.mllm.cache import CachedBackend
-
-        if isinstance(self.backend, CachedBackend):
-            self.backend.cache.flush()
-
     @staticmethod
     def _parse(answer: Answer) -> int | tuple[str, str]:
-        if answer.error is not None and answer.error.startswith("bad_image"):
-            return "bad_image", answer.error[:200]  # the in-process model could not decode it
-        if answer.error is not None or answer.text is None:
-            return "backend_error", (answer.error or "no answer")[:200]
+        failed = answer_error(answer)
+        if failed is not None:
+            return failed
+        assert answer.text is not None
         got = mlm_filter.parse_score(answer.text)
         if isinstance(got, int):
             return got

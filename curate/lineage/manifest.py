@@ -86,6 +86,8 @@ def stage_table(
             t[key] += r[key]
         for reason, n in r["reasons"].items():
             t["reasons"][reason] += n
+        for counter, n in r.get("counters", {}).items():
+            t.setdefault("counters", defaultdict(int))[counter] += n
     rows = []
     spec = plan.pipeline
     for name in [*spec.spec.sources, *spec.stages]:
@@ -103,6 +105,8 @@ def stage_table(
         }
         if row["rows_in"] != row["kept"] + row["dropped"]:
             raise AccountingError(f"stage {name!r}: counts do not balance: {row}")
+        if t.get("counters"):
+            row["counters"] = dict(sorted(t["counters"].items()))
         if summaries and name in summaries:
             row["summary"] = summaries[name]
         rows.append(row)

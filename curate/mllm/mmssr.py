@@ -133,29 +133,34 @@ def style_prompt(conversation: str) -> str:
     return conversation + SEPS[1] + STYLE_QUERY
 
 
-def fused_prompt(conversation: str, capabilities: Sequence[str]) -> str:
+def fused_prompt(conversation: str, capabilities: Sequence[str], styles: bool = True) -> str:
     """One query for every capability in ``capabilities`` (keys) and the styles."""
     listed = "\n".join(f"- {k}: {CAPABILITY_NAMES[k]}" for k in capabilities)
-    example = ", ".join(f'"{k}": <0-5>' for k in capabilities)
+    fields = [f'"{k}": <0-5>' for k in capabilities]
+    ask_styles = ""
+    if styles:
+        ask_styles = f"\nThen name its interaction styles, one or more of: [{', '.join(STYLES)}]."
+        fields.append('"styles": ["<style>", ...]')
     return (
         conversation
         + SEPS[1]
         + "On a scale of 0 to 5, rate the helpfulness of the VQA instance in training a "
         "Multimodal Large Language Model for each of these capabilities:\n"
         + listed
-        + "\nThen name its interaction styles, one or more of: "
-        + f"[{', '.join(STYLES)}]."
+        + ask_styles
         + "\nAnswer with this JSON object only: {"
-        + example
-        + ', "styles": ["<style>", ...]}'
+        + ", ".join(fields)
+        + "}"
     )
 
 
-def fused_regex(capabilities: Sequence[str]) -> str:
+def fused_regex(capabilities: Sequence[str], styles: bool = True) -> str:
     """The fused answer exactly as :func:`fused_prompt` asks for it."""
     style = f'"(?:{_STYLE_ALT})"'
-    scores = ", ".join(f'"{regex.escape(k)}": [0-5]' for k in capabilities)
-    return r"\{" + scores + rf', "styles": \[{style}(?:, {style})*\]\}}'
+    fields = [f'"{regex.escape(k)}": [0-5]' for k in capabilities]
+    if styles:
+        fields.append(rf'"styles": \[{style}(?:, {style})*\]')
+    return r"\{" + ", ".join(fields) + r"\}"
 
 
 @dataclass(frozen=True)
@@ -199,9 +204,9 @@ def parse_styles(text: str) -> list[str] | ParseError:
 
 
 def parse_fused(
-    text: str, capabilities: Sequence[str]
+    text: str, capabilities: Sequence[str], styles: bool = True
 ) -> tuple[dict[str, int], list[str]] | ParseError:
-    """Scores by key and styles from a fused JSON answer, or why not."""
+    """Scores by key and styles (empty unless ``styles``) from a fused JSON answer."""
     stripped = text.strip()
     if not stripped:
         return ParseError("empty", text[:200])
@@ -221,12 +226,14 @@ def parse_fused(
         if not SCORE_MIN <= value <= SCORE_MAX:
             return ParseError("out_of_range", text[:200])
         scores[key] = value
+    if not styles:
+        return scores, []
     raw_styles = obj.get("styles")
     if raw_styles is None:
         return ParseError("missing_key", text[:200])
     if not isinstance(raw_styles, list) or not all(isinstance(s, str) for s in raw_styles):
         return ParseError("unparseable", text[:200])
-    styles = parse_styles(",".join(raw_styles))
-    if isinstance(styles, ParseError):
-        return ParseError(styles.reason, text[:200])
-    return scores, styles
+    parsed = parse_styles(",".join(raw_styles))
+    if isinstance(parsed, ParseError):
+        return ParseError(parsed.reason, text[:200])
+    return scores, parsed
