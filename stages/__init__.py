@@ -27,4 +27,5 @@ BUILTIN_STAGES: dict[str, str] = {
     "mllm_score": "curate.stages.mllm_score:MllmScore",
     "capability_score": "curate.stages.capability_score:CapabilityScore",
     "capability_select": "curate.stages.capability_select:CapabilitySelect",
+    "decontaminate": "curate.stages.decontaminate:Decontaminate",
 }

@@ -1,0 +1,1 @@
+"""Synthetic-data generators: prompt formats and output parsers for instruction synthesizers."""
