@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,13 @@ import requests
 from curate.mllm.backend import Answer, Backend, Request
 from curate.mllm.cache import CachedBackend, RequestCache
 from curate.mllm.http import OpenAIBackend, backoff_delay, build_messages, image_mime
-from curate.mllm.serve import BackendServer, BadRequestError, parse_request, serve
+from curate.mllm.serve import (
+    BackendServer,
+    BadRequestError,
+    parse_completion_request,
+    parse_request,
+    serve,
+)
 
 SECRET = "sk-curate-test-4b1d9e77c0ffee"  # must never show up in an error, a log or a repr
 MODEL = "echo-model"
@@ -720,3 +727,325 @@ def test_serve_main_command_line(tiny_model_dir: Path, monkeypatch: pytest.Monke
         proc.terminate()
         output = proc.communicate(timeout=30)[0].decode(errors="replace")
     assert SECRET not in output
+
+
+# --- raw (plain completion) requests ---------------------------------------------------
+
+#: An Instruction Pre-Training style synthesizer prompt: the literal <s> is part of the text.
+RAW_PROMPT = "<s> <CON> The cat sits on a table. </CON>\n\n"
+
+
+def test_request_keys_of_chat_requests_are_unchanged() -> None:
+    """Digests computed before ``Request.raw`` existed: every existing cache entry
+    must still be found."""
+    full = Request(
+        prompt="hello",
+        image=b"\x89PNG",
+        system="sys",
+        max_tokens=9,
+        temperature=0.5,
+        regex="[0-9]+",
+        seed=3,
+    )
+    pinned = "e88edf45a79b4a3aa7fff1f8939dff72a6a0664e2f05169c55d02124fd199fb2"
+    assert full.key("fp") == pinned
+    assert Request(prompt="hello").key("fp") == (
+        "2ee2a967c31557be5b798f81d7e11a9d894f63f5a6b63e1bd706cb7ceba42175"
+    )
+    assert Request(prompt="hello", raw=False).key("fp") == Request(prompt="hello").key("fp")
+    raw = Request(prompt="hello", raw=True)
+    body = {
+        "model": "fp",
+        "prompt": "hello",
+        "image": None,
+        "system": None,
+        "max_tokens": 64,
+        "temperature": 0.0,
+        "regex": None,
+        "seed": 0,
+        "raw": True,
+    }
+    expected = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+    assert raw.key("fp") == expected != Request(prompt="hello").key("fp")
+
+
+class RawEchoBackend(EchoBackend):
+    """The echo backend, also telling whether the request it got was raw."""
+
+    def _generate(self, requests: Sequence[Request]) -> list[Answer]:
+        answers = super()._generate(requests)
+        out = []
+        for answer, request in zip(answers, requests, strict=True):
+            if answer.text is None:
+                out.append(answer)
+                continue
+            fields = {**json.loads(answer.text), "raw": request.raw}
+            out.append(replace(answer, text=json.dumps(fields, sort_keys=True)))
+        return out
+
+
+class _Recording(_Canned):
+    """The canned server, also keeping each POST's path and JSON body."""
+
+    def do_POST(self) -> None:
+        server: Any = self.server
+        length = int(self.headers.get("Content-Length") or 0)
+        body = json.loads(self.rfile.read(length)) if length else None
+        with server.lock:
+            server.seen.append((self.path, body))
+            server.hits += 1
+        self.send_response(server.status)
+        self.send_header("Content-Length", str(len(server.body)))
+        self.end_headers()
+        self.wfile.write(server.body)
+
+
+@contextmanager
+def recording(body: bytes) -> Iterator[Any]:
+    server: Any = ThreadingHTTPServer(("127.0.0.1", 0), _Recording)
+    server.daemon_threads = True
+    server.status, server.body, server.hits, server.lock = 200, body, 0, threading.Lock()
+    server.seen = []
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+TEXT_COMPLETION = {
+    "id": "cmpl-1",
+    "object": "text_completion",
+    "model": MODEL,
+    "choices": [{"index": 0, "text": "<QUE> q <ANS> a </END>", "finish_reason": "stop"}],
+    "usage": {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18},
+}
+
+
+def test_raw_request_wire_format() -> None:
+    with recording(json.dumps(TEXT_COMPLETION).encode()) as server:
+        backend = OpenAIBackend(f"http://127.0.0.1:{server.server_address[1]}/v1", MODEL)
+        plain, guided = backend.generate(
+            [
+                Request(prompt=RAW_PROMPT, raw=True, max_tokens=9, seed=4),
+                Request(prompt="Score: ", raw=True, temperature=0.7, regex="[0-9]+"),
+            ]
+        )
+        assert plain == Answer(text="<QUE> q <ANS> a </END>", prompt_tokens=11, completion_tokens=7)
+        assert guided.text == plain.text
+        seen = sorted(server.seen, key=lambda s: s[1]["prompt"])
+        assert seen == [
+            (
+                "/v1/completions",
+                {
+                    "model": MODEL,
+                    "prompt": RAW_PROMPT,  # byte for byte, <s> included
+                    "max_tokens": 9,
+                    "temperature": 0.0,
+                    "seed": 4,
+                    "add_special_tokens": False,
+                },
+            ),
+            (
+                "/v1/completions",
+                {
+                    "model": MODEL,
+                    "prompt": "Score: ",
+                    "max_tokens": 64,
+                    "temperature": 0.7,
+                    "seed": 0,
+                    "add_special_tokens": False,
+                    "structured_outputs": {"regex": "[0-9]+"},
+                    "guided_regex": "[0-9]+",
+                },
+            ),
+        ]
+        assert backend.stats["prompt_tokens"] == 22 and backend.stats["completion_tokens"] == 14
+        # a chat request still goes to /chat/completions; a text_completion body is
+        # not a chat answer (nor the other way round): malformed, not retried
+        (chat,) = backend.generate([Request(prompt="hi")])
+        assert server.seen[-1][0] == "/v1/chat/completions"
+        assert chat.error is not None and chat.error.startswith("http_error: 200: malformed")
+    chat_body = {"choices": [{"message": {"role": "assistant", "content": "x"}}]}
+    with recording(json.dumps(chat_body).encode()) as server:
+        backend = OpenAIBackend(f"http://127.0.0.1:{server.server_address[1]}/v1", MODEL)
+        (answer,) = backend.generate([Request(prompt="p", raw=True)])
+        assert answer.error is not None and answer.error.startswith("http_error: 200: malformed")
+        assert server.hits == 1
+    assert "structured_outputs" not in OpenAIBackend(
+        "http://127.0.0.1:9/v1", MODEL, guided="none"
+    ).payload(Request(prompt="p", raw=True, regex="a"))
+
+
+def test_raw_over_http_reaches_the_completions_endpoint(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CURATE_TEST_KEY", SECRET)
+    with running(RawEchoBackend(), api_key=SECRET, fail_first=1) as server:
+        backend = client(server, api_key_env="CURATE_TEST_KEY", concurrency=4)
+        requests_ = [
+            Request(prompt=RAW_PROMPT, raw=True, max_tokens=5, seed=1),
+            Request(prompt=RAW_PROMPT),  # the same prompt as a chat turn
+            Request(prompt="Answer: ", raw=True, regex="(yes|no)", temperature=0.3),
+        ]
+        raw, chat, guided = (echoed(a) for a in backend.generate(requests_))
+        assert raw == {
+            "prompt": RAW_PROMPT,  # exactly what was asked, nothing added
+            "raw": True,
+            "system": None,
+            "image": None,
+            "regex": None,
+            "max_tokens": 5,
+            "temperature": 0.0,
+            "seed": 1,
+        }
+        assert chat["raw"] is False and chat["prompt"] == RAW_PROMPT
+        assert guided["raw"] is True and guided["regex"] == "(yes|no)"
+        # fault injection, retries and counters are those of the chat path
+        assert server.received == 6 and server.served == 3 and server.rejected == 3
+        assert backend.stats["retries"] == 3 and backend.stats["errors"] == 0
+        assert backend.stats["prompt_tokens"] == 2 * len(RAW_PROMPT) + len("Answer: ")
+
+        # an error answer of the model is a 500 (retried), as for chat
+        (failed,) = backend.generate([Request(prompt="please fail", raw=True)])
+        assert failed.error is not None and failed.error.startswith("http_error: 500: ")
+        assert "echo refused" in failed.error
+
+        # the same authentication: a wrong key is a 401 that does not echo the key
+        response = requests.post(
+            f"{server.base_url}/completions",
+            json={"model": MODEL, "prompt": "x"},
+            headers={"Authorization": "Bearer guessed-key-987"},
+            timeout=5,
+        )
+        assert response.status_code == 401 and "guessed-key-987" not in response.text
+        response = requests.post(
+            f"{server.base_url}/completions",
+            json={"model": MODEL, "prompt": "x", "max_tokens": 3},
+            headers={"Authorization": f"Bearer {SECRET}"},
+            timeout=5,
+        )
+        assert response.status_code == 503  # a new body: its first attempt is injected
+        response = requests.post(
+            f"{server.base_url}/completions",
+            json={"model": MODEL, "prompt": "x", "max_tokens": 3},
+            headers={"Authorization": f"Bearer {SECRET}"},
+            timeout=5,
+        )
+        body = response.json()
+        assert response.status_code == 200
+        assert body["object"] == "text_completion" and body["model"] == MODEL
+        assert body["id"].startswith("cmpl-")
+        (choice,) = body["choices"]
+        assert json.loads(choice["text"])["raw"] is True
+        assert choice["finish_reason"] == "length"  # 3 completion tokens of 3 allowed
+        assert "message" not in choice
+        assert body["usage"] == {"prompt_tokens": 1, "completion_tokens": 3, "total_tokens": 4}
+
+
+def test_raw_with_image_or_system_is_an_error_answer(echo_server: BackendServer) -> None:
+    backend = client(echo_server)
+    received = echo_server.received
+    with_image, with_system, empty, fine = backend.generate(
+        [
+            Request(prompt="look", raw=True, image=png_bytes()),
+            Request(prompt="hi", raw=True, system="be brief"),
+            Request(prompt="", raw=True),
+            Request(prompt="hi", raw=True),
+        ]
+    )
+    assert with_image.text is None and with_image.error is not None
+    assert with_image.error.startswith("bad_request: ") and "image" in with_image.error
+    assert with_system.text is None and with_system.error is not None
+    assert with_system.error.startswith("bad_request: ") and "system" in with_system.error
+    assert empty.error is not None and empty.error.startswith("bad_request: ")
+    assert fine.error is None
+    assert echo_server.received == received + 1  # the refused ones were never sent
+    assert backend.stats["requests"] == 4 and backend.stats["errors"] == 3
+    assert backend.stats["attempts"] == 1
+
+
+def test_parse_completion_request(echo_server: BackendServer) -> None:
+    request = parse_completion_request(
+        {
+            "model": MODEL,
+            "prompt": RAW_PROMPT,
+            "max_tokens": 9,
+            "temperature": 0.7,
+            "seed": 5,
+            "structured_outputs": {"regex": "[0-9]+"},
+            "add_special_tokens": False,
+        }
+    )
+    assert request == Request(
+        prompt=RAW_PROMPT, raw=True, max_tokens=9, temperature=0.7, regex="[0-9]+", seed=5
+    )
+    assert parse_completion_request({"prompt": "hi"}) == Request(prompt="hi", raw=True)
+    assert parse_completion_request({"prompt": "hi", "guided_regex": "a"}).regex == "a"
+    bad_bodies: list[Any] = [
+        [],
+        {},
+        {"prompt": ["a", "b"]},  # several prompts
+        {"prompt": [1, 2, 3]},  # token ids
+        {"prompt": 7},
+        {"prompt": ""},
+        {"prompt": "hi", "stream": True},
+        {"prompt": "hi", "n": 2},
+        {"prompt": "hi", "best_of": 3},
+        {"prompt": "hi", "echo": True},
+        {"prompt": "hi", "suffix": "end"},
+        {"prompt": "hi", "add_special_tokens": True},
+        {"prompt": "hi", "max_tokens": 0},
+        {"prompt": "hi", "temperature": -1},
+    ]
+    for body in bad_bodies:
+        with pytest.raises(BadRequestError):
+            parse_completion_request(body)
+    # over the wire: a 400 in OpenAI's error shape, counted as rejected; the chat
+    # path does not take a prompt, nor the completions path messages
+    rejected = echo_server.rejected
+    url = f"{echo_server.base_url}/completions"
+    response = requests.post(url, json={"model": MODEL, "prompt": ["a", "b"]}, timeout=5)
+    assert response.status_code == 400
+    assert "prompt must be a string" in response.json()["error"]["message"]
+    response = requests.post(url, json={"model": MODEL, **_user("hi")}, timeout=5)
+    assert response.status_code == 400
+    response = requests.post(
+        f"{echo_server.base_url}/chat/completions", json={"prompt": "hi"}, timeout=5
+    )
+    assert response.status_code == 400
+    response = requests.post(url, json={"model": "other", "prompt": "hi"}, timeout=5)
+    assert response.status_code == 404
+    assert echo_server.rejected == rejected + 4
+
+
+def test_tiny_model_raw_end_to_end(tiny_server: tuple[Backend, BackendServer]) -> None:
+    """Raw requests through the real server answer exactly what the model answers in
+    process, and differ from the chat-templated answers to the same prompts."""
+    model, server = tiny_server
+    requests_ = [
+        Request(prompt=RAW_PROMPT, raw=True, max_tokens=8),
+        Request(prompt="<s> The old man holds a book.", raw=True, max_tokens=6),
+        Request(prompt="<s> There are", raw=True, max_tokens=6, regex=r"[0-9]{2,3}"),
+        Request(prompt="<s> A dog", raw=True, max_tokens=6, temperature=0.9, seed=11),
+    ]
+    remote = OpenAIBackend(server.base_url, "tiny", concurrency=4, timeout_s=60)
+    served = server.served
+    answers = remote.generate(requests_)
+    assert server.served == served + len(requests_)
+    local = [model.generate([r])[0] for r in requests_]
+    for answer, direct in zip(answers, local, strict=True):
+        assert answer.error is None, answer.error
+        assert answer.text == direct.text
+        assert (answer.prompt_tokens, answer.completion_tokens) == (
+            direct.prompt_tokens,
+            direct.completion_tokens,
+        )
+    assert answers[2].text is not None and re.fullmatch(r"[0-9]{2,3}", answers[2].text)
+    chat = remote.generate([replace(r, raw=False) for r in requests_[:2]])
+    assert [a.text for a in chat] != [a.text for a in answers[:2]]
+    assert all(c.prompt_tokens > a.prompt_tokens for c, a in zip(chat, answers, strict=False))
+    # nothing is added to a raw prompt: its token count is the prompt's own
+    in_process: Any = model
+    ids = in_process.tokenizer.encode(RAW_PROMPT, add_special_tokens=False)
+    assert ids[0] == in_process.tokenizer.bos_token_id and answers[0].prompt_tokens == len(ids)

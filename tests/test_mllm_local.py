@@ -234,3 +234,86 @@ def test_text_only_requests_and_token_counts(backend: TransformersBackend) -> No
     assert answers[1].prompt_tokens > answers[0].prompt_tokens
     assert answers[2].prompt_tokens >= answers[0].prompt_tokens + 16
     assert backend.generate([]) == []
+
+
+# --- raw (plain completion) requests ---------------------------------------------------
+
+RAW_PROMPT = "<s> <CON> The cat sits on a table. </CON>\n\n"
+
+
+def test_raw_prompt_is_the_whole_input(backend: TransformersBackend) -> None:
+    raw = Request(prompt=RAW_PROMPT, raw=True, max_tokens=8)
+    chat = replace(raw, raw=False)
+    assert backend.input_text(raw) == RAW_PROMPT  # no chat template
+    assert backend.input_text(chat) != RAW_PROMPT
+    assert backend.input_text(chat).endswith("<|assistant|>\n")
+    ids = backend.tokenizer(RAW_PROMPT, add_special_tokens=False)["input_ids"]
+    bos = backend.tokenizer.bos_token_id
+    assert ids[0] == bos and ids.count(bos) == 1  # the literal <s> is the one BOS token
+
+    (answer,) = backend.generate([raw])
+    (templated,) = backend.generate([chat])
+    assert answer.error is None and answer.text
+    assert answer.prompt_tokens == len(ids)  # nothing added
+    assert templated.prompt_tokens > answer.prompt_tokens
+    assert answer.text != templated.text  # the template changes the model's input
+    assert backend.generate([raw]) == [answer]  # deterministic
+
+
+def test_raw_requests_batch_with_chat_requests(
+    model_dir: Path, backend: TransformersBackend
+) -> None:
+    requests = [
+        Request(prompt=RAW_PROMPT, raw=True, max_tokens=10),
+        Request(prompt="Describe the picture.", image=IMAGES[0], max_tokens=10),
+        Request(prompt="<s> A dog", raw=True, max_tokens=10),  # short: left padded
+        Request(prompt=RAW_PROMPT, max_tokens=10),
+        Request(prompt="<s> Rate it: ", raw=True, max_tokens=6, regex=SCORE),
+        Request(prompt="<s> The sky", raw=True, max_tokens=10, temperature=1.0, seed=3),
+        Request(prompt="<s> The sky", raw=True, max_tokens=10, temperature=1.0, seed=4),
+    ]
+    together = backend.generate(requests)
+    single = TransformersBackend(str(model_dir), batch_size=1)
+    try:
+        alone = single.generate(requests[::-1])[::-1]
+    finally:
+        single.close()
+    assert together == alone  # batch composition and padding change no answer
+    assert all(a.error is None and a.text for a in together)
+    assert together[0].text != together[3].text
+    assert together[4].text is not None and regex.fullmatch(SCORE, together[4].text)
+    assert together[4].completion_tokens == len(together[4].text) + 1  # digits, then EOS
+    assert together[5].text != together[6].text  # the seed matters
+    assert backend.generate([requests[5]]) == [together[5]]  # ... and reproduces
+
+
+def test_raw_regex_patterns(backend: TransformersBackend) -> None:
+    # bounded patterns: a random model may never end an unbounded one by itself
+    patterns = [r"(yes|no)", r"[A-D]", r"[a-z]{1,3}( [a-z]{1,3}){2}", r" <QUE> [a-z]{1,4}\?"]
+    requests = [
+        Request(prompt=f"<s> {PROMPTS[i]} ", raw=True, max_tokens=16, regex=p, temperature=t)
+        for i, p in enumerate(patterns)
+        for t in (0.0, 1.0)
+    ]
+    for request, answer in zip(requests, backend.generate(requests), strict=True):
+        assert answer.text is not None and regex.fullmatch(request.regex or "", answer.text), (
+            request.regex,
+            answer,
+        )
+
+
+def test_raw_with_image_or_system_is_an_error_answer(backend: TransformersBackend) -> None:
+    good = Request(prompt="<s> Hello", raw=True, max_tokens=5)
+    requests = [
+        Request(prompt="<s> What is it?", raw=True, image=IMAGES[0]),
+        good,
+        Request(prompt="<s> Hello", raw=True, system="Be brief."),
+        Request(prompt="", raw=True),
+    ]
+    answers = backend.generate(requests)
+    assert answers[0].text is None and answers[0].error is not None
+    assert answers[0].error.startswith("bad_request: ") and "image" in answers[0].error
+    assert answers[2].text is None and answers[2].error is not None
+    assert answers[2].error.startswith("bad_request: ") and "system" in answers[2].error
+    assert answers[3].error is not None and answers[3].error.startswith("bad_request: ")
+    assert answers[1] == backend.generate([good])[0] and answers[1].error is None

@@ -1,12 +1,14 @@
 """The contract every generative backend implements.
 
 A :class:`Request` is one chat turn: a prompt, at most one image (encoded
-bytes, as stored in the data) and decoding settings.  A backend answers a
-list of requests with one :class:`Answer` each, in order.  A backend never
-raises for a single failed request: the answer carries ``error`` and the
-stage turns it into a rejected row with that reason.  ``fingerprint`` names
-the model (weights hash, or endpoint + served model name) so that cached
-answers are never reused for a different model.
+bytes, as stored in the data) and decoding settings; or, with ``raw`` set, a
+plain completion whose prompt is the model's whole input (for base models
+without a chat template).  A backend answers a list of requests with one
+:class:`Answer` each, in order.  A backend never raises for a single failed
+request: the answer carries ``error`` and the stage turns it into a rejected
+row with that reason.  ``fingerprint`` names the model (weights hash, or
+endpoint + served model name) so that cached answers are never reused for a
+different model.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Request:
-    """One chat turn for the model."""
+    """One chat turn for the model (or, with ``raw``, one plain completion)."""
 
     prompt: str
     #: Encoded image bytes (PNG, JPEG, ...), or None for a text-only request.
@@ -32,6 +34,13 @@ class Request:
     #: Constrain the answer to this regular expression (guided decoding), when set.
     regex: str | None = None
     seed: int = 0
+    #: A plain completion: the prompt is the model's whole input, tokenized as is
+    #: (no chat template, no system message, no special tokens added: a literal
+    #: ``<s>`` in the prompt is the BOS token), text only.  Over HTTP it goes to the
+    #: ``/completions`` endpoint instead of ``/chat/completions``.  A raw request
+    #: with ``system`` or ``image`` set, or with an empty prompt, is answered with an
+    #: error (see :func:`raw_problem`).
+    raw: bool = False
 
     def key(self, fingerprint: str) -> str:
         """Cache key: the model's fingerprint and everything that shapes the answer."""
@@ -47,8 +56,26 @@ class Request:
             "regex": self.regex,
             "seed": self.seed,
         }
+        if self.raw:  # only when set: every key of a chat request stays as it was
+            body["raw"] = True
         digest.update(json.dumps(body, sort_keys=True).encode())
         return digest.hexdigest()
+
+
+def raw_problem(request: Request) -> str | None:
+    """Why a raw request cannot be answered (the text of an error answer), or None."""
+    if not request.raw:
+        return None
+    if request.image is not None:
+        return "bad_request: a raw request is text only: it cannot carry an image"
+    if request.system is not None:
+        return (
+            "bad_request: a raw request cannot carry a system message "
+            "(its prompt is the model's whole input)"
+        )
+    if not request.prompt:
+        return "bad_request: a raw request needs a non-empty prompt"
+    return None
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
 """A :class:`~curate.mllm.backend.Backend` for an OpenAI-compatible chat-completions
-endpoint (vLLM, SGLang, TGI, or :mod:`curate.mllm.serve`).
+endpoint (vLLM, SGLang, TGI, or :mod:`curate.mllm.serve`), and its completions
+endpoint for raw requests.
 
 Design choices:
 
@@ -35,6 +36,17 @@ Design choices:
 * **Statistics.**  ``stats`` counts ``requests`` (logical requests), ``attempts``
   (HTTP calls), ``retries``, ``errors`` (requests answered with an error) and the
   ``prompt_tokens`` / ``completion_tokens`` the server reported, for the manifest.
+* **Raw requests.**  A ``Request`` with ``raw`` set is a plain completion: it is
+  POSTed to ``{base_url}/completions`` as ``{"model", "prompt", "max_tokens",
+  "temperature", "seed", "add_special_tokens": false}`` (plus the guided-decoding
+  fields above when it has a regex) and the answer is ``choices[0].text``.
+  ``add_special_tokens: false`` is vLLM's extra parameter (its default is true,
+  which would put a second BOS before a prompt that starts with a literal
+  ``<s>``); it makes the prompt the model's whole input, as the in-process backend
+  does.  Retries, back-off, timeouts, error answers, statistics and usage are those
+  of chat requests.  A raw request with a system message or an image (or an empty
+  prompt) is an error answer (``bad_request: ...``), counted in ``requests`` and
+  ``errors``, and never sent.
 """
 
 from __future__ import annotations
@@ -53,7 +65,7 @@ from urllib.parse import urlsplit
 
 import requests
 
-from curate.mllm.backend import Answer, Backend, Request
+from curate.mllm.backend import Answer, Backend, Request, raw_problem
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +195,8 @@ class OpenAIBackend(Backend):
         self.guided = guided
         self.fingerprint = f"openai:{self.base_url}:{model}"
         self.url = f"{self.base_url}/chat/completions"
+        #: Where raw (plain completion) requests go.
+        self.completions_url = f"{self.base_url}/completions"
         self.stats: dict[str, int] = {
             "requests": 0,
             "attempts": 0,
@@ -243,14 +257,18 @@ class OpenAIBackend(Backend):
     # --- one request ---------------------------------------------------------------
 
     def payload(self, request: Request) -> dict[str, Any]:
-        """The JSON body sent for ``request``."""
-        body: dict[str, Any] = {
-            "model": self.model,
-            "messages": build_messages(request),
-            "max_tokens": request.max_tokens,
-            "temperature": request.temperature,
-            "seed": request.seed,
-        }
+        """The JSON body sent for ``request`` (to :attr:`completions_url` when it is
+        raw, else to :attr:`url`)."""
+        body: dict[str, Any] = {"model": self.model}
+        if request.raw:
+            body["prompt"] = request.prompt
+        else:
+            body["messages"] = build_messages(request)
+        body["max_tokens"] = request.max_tokens
+        body["temperature"] = request.temperature
+        body["seed"] = request.seed
+        if request.raw:
+            body["add_special_tokens"] = False
         if request.regex is not None and self.guided == "vllm":
             body["structured_outputs"] = {"regex": request.regex}
             body["guided_regex"] = request.regex
@@ -272,7 +290,12 @@ class OpenAIBackend(Backend):
 
     def _answer(self, request: Request) -> Answer:
         self._count(requests=1)
+        problem = raw_problem(request)
+        if problem is not None:
+            self._count(errors=1)
+            return Answer(text=None, error=problem)
         key = request.key(self.fingerprint)
+        url = self.completions_url if request.raw else self.url
         secret: str | None = None
         headers = {"Content-Type": "application/json"}
         if self.api_key_env is not None:
@@ -290,7 +313,7 @@ class OpenAIBackend(Backend):
         while True:
             self._count(attempts=1)
             try:
-                return self._attempt(data, headers, secret)
+                return self._attempt(url, data, headers, secret, raw=request.raw)
             except _AttemptError as failure:
                 if not failure.retry or attempt >= self.retries:
                     self._count(errors=1)
@@ -300,7 +323,7 @@ class OpenAIBackend(Backend):
                     wait = min(self.max_backoff_s, max(wait, failure.wait))
                 log.debug(
                     "retrying %s after %s (attempt %d of %d, waiting %.2fs)",
-                    self.url,
+                    url,
                     failure.label,
                     attempt + 1,
                     self.retries,
@@ -310,12 +333,12 @@ class OpenAIBackend(Backend):
                 attempt += 1
                 time.sleep(wait)
 
-    def _attempt(self, data: bytes, headers: dict[str, str], secret: str | None) -> Answer:
+    def _attempt(
+        self, url: str, data: bytes, headers: dict[str, str], secret: str | None, *, raw: bool
+    ) -> Answer:
         """One HTTP call: the answer, or a :class:`_AttemptError`."""
         try:
-            response = self._session().post(
-                self.url, data=data, headers=headers, timeout=self.timeout_s
-            )
+            response = self._session().post(url, data=data, headers=headers, timeout=self.timeout_s)
         except requests.RequestException as exc:
             raise _AttemptError(type(exc).__name__, _short(str(exc), secret), retry=True) from None
         with response:
@@ -327,9 +350,12 @@ class OpenAIBackend(Backend):
             raise _AttemptError(str(status), _short(_error_message(text), secret), retry, wait)
         try:
             body = json.loads(text)
-            content = body["choices"][0]["message"]["content"]
+            choice = body["choices"][0]
+            content = choice["text"] if raw else choice["message"]["content"]
             if not isinstance(content, str):
-                raise TypeError("message content is not a string")
+                raise TypeError(
+                    "completion text is not a string" if raw else "message content is not a string"
+                )
             usage = body.get("usage") or {}
             prompt_tokens = int(usage.get("prompt_tokens") or 0)
             completion_tokens = int(usage.get("completion_tokens") or 0)

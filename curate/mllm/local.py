@@ -7,6 +7,15 @@ classes (``AutoProcessor`` and ``AutoModelForImageTextToText``), renders each
 
 Design choices:
 
+* **Raw requests** (``Request.raw``) skip the chat template: the prompt is
+  tokenized as is, with ``add_special_tokens=False`` like the rendered chat
+  texts, so nothing is added and a literal ``<s>`` (any special token's text) in
+  the prompt becomes that token when the tokenizer knows it.  They are text only:
+  a raw request with an image or a system message (or an empty prompt) gets
+  ``Answer(error="bad_request: ...")`` before any batch runs.  Raw requests share
+  batches with text-only chat requests (left padding keeps every row's answer its
+  own); regex constraints and seeded sampling apply to them unchanged.
+
 * **Batching with left padding.**  Decoder-only generation appends to the
   right end of every row, so prompts are padded on the left and the attention
   mask hides the padding.  Requests with and without an image are batched
@@ -76,7 +85,7 @@ from transformers import (
     StoppingCriteriaList,
 )
 
-from curate.mllm.backend import Answer, Backend, Request
+from curate.mllm.backend import Answer, Backend, Request, raw_problem
 
 #: Candidates a sampled, regex-constrained row checks before scanning the vocabulary.
 SAMPLE_TOP_K = 50
@@ -353,6 +362,9 @@ class TransformersBackend(Backend):
     # -- internals ----------------------------------------------------------
 
     def _prepare(self, index: int, request: Request) -> tuple[_Prepared | None, Answer | None]:
+        problem = raw_problem(request)
+        if problem is not None:
+            return None, Answer(text=None, error=problem)
         image = None
         if request.image is not None:
             # decompression bombs refused from the header, RGB with transparency on
@@ -391,27 +403,32 @@ class TransformersBackend(Backend):
                 return [Answer(text=None, error=f"generate_failed: {type(exc).__name__}: {exc}")]
         return [answer for p in batch for answer in self._run_safely([p])]
 
-    def _messages(self, p: _Prepared) -> list[dict[str, Any]]:
+    def _messages(self, request: Request) -> list[dict[str, Any]]:
         messages: list[dict[str, Any]] = []
-        if p.request.system is not None:
+        if request.system is not None:
             messages.append(
-                {"role": "system", "content": [{"type": "text", "text": p.request.system}]}
+                {"role": "system", "content": [{"type": "text", "text": request.system}]}
             )
         content: list[dict[str, Any]] = []
-        if p.image is not None:
+        if request.image is not None:
             content.append({"type": "image"})
-        content.append({"type": "text", "text": p.request.prompt})
+        content.append({"type": "text", "text": request.prompt})
         messages.append({"role": "user", "content": content})
         return messages
 
+    def input_text(self, request: Request) -> str:
+        """The text the tokenizer gets for ``request`` (with ``add_special_tokens=False``):
+        a raw request's prompt as is, else the chat template's rendering."""
+        if request.raw:
+            return request.prompt
+        text: str = self.processor.apply_chat_template(
+            self._messages(request), add_generation_prompt=True, tokenize=False
+        )
+        return text
+
     @torch.inference_mode()
     def _run(self, batch: list[_Prepared]) -> list[Answer]:
-        texts = [
-            self.processor.apply_chat_template(
-                self._messages(p), add_generation_prompt=True, tokenize=False
-            )
-            for p in batch
-        ]
+        texts = [self.input_text(p.request) for p in batch]
         images = [p.image for p in batch if p.image is not None]
         inputs = self.processor(
             text=texts,

@@ -1,7 +1,8 @@
 """A small OpenAI-compatible HTTP server in front of any :class:`Backend`.
 
-It serves ``GET /v1/models`` and ``POST /v1/chat/completions`` (non-streaming), so
-that :class:`curate.mllm.http.OpenAIBackend` (or any OpenAI client) can talk to an
+It serves ``GET /v1/models``, ``POST /v1/chat/completions`` and ``POST
+/v1/completions`` (both non-streaming), so that
+:class:`curate.mllm.http.OpenAIBackend` (or any OpenAI client) can talk to an
 in-process model: the tests serve a tiny model with it, and ``python -m
 curate.mllm.serve MODEL_DIR --port 8000`` serves a local ``transformers`` model
 where no vLLM is at hand.
@@ -21,6 +22,15 @@ Design choices:
   forgery, no network dependence).  One user message with at most one image, plus
   optional system messages, matching the :class:`Request` contract; anything else
   (several turns, several images, ``stream``, ``n > 1``) is a 400.
+* **Plain completions** (``/v1/completions``) become raw requests
+  (``Request(raw=True)``: the prompt is the model's whole input, tokenized as is,
+  no chat template).  ``prompt`` must be one non-empty string: a list of prompts or
+  of token ids is a 400, and so are ``echo``, ``suffix``, ``best_of > 1`` and
+  ``add_special_tokens: true`` (nothing is ever added to the prompt; vLLM's
+  default is to add a BOS, which :class:`~curate.mllm.http.OpenAIBackend` turns off
+  with ``add_special_tokens: false``).  The answer is a ``text_completion`` object
+  (``choices[0].text``).  Authentication, fault injection, decoding settings,
+  errors and counters are those of chat completions.
 * **Decoding settings**: ``max_tokens`` (or ``max_completion_tokens``),
   ``temperature``, ``seed``; a regex constraint from vLLM's
   ``structured_outputs.regex``, its legacy ``guided_regex``, or SGLang's ``regex``.
@@ -34,7 +44,7 @@ Design choices:
   distinct request body get ``fail_status``, with ``Retry-After: retry_after`` when
   set), ``delay_s`` (sleep before answering).  Counters ``received``, ``served``
   (200 completions), ``rejected`` (every other answer to a completion request) and
-  ``max_inflight`` are readable by tests.
+  ``max_inflight`` count both completion paths and are readable by tests.
 """
 
 from __future__ import annotations
@@ -56,7 +66,7 @@ from collections.abc import Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from curate.mllm.backend import Answer, Backend, Request
+from curate.mllm.backend import Answer, Backend, Request, raw_problem
 
 log = logging.getLogger(__name__)
 
@@ -167,15 +177,51 @@ def _parse_messages(messages: Any) -> tuple[str | None, tuple[str, bytes | None]
     return ("\n".join(system) if system else None), user
 
 
-def parse_request(body: Any) -> Request:
-    """The :class:`Request` a chat-completions body asks for."""
+def _check_body(body: Any) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise BadRequestError("the body must be a JSON object")
     if body.get("stream"):
         raise BadRequestError("stream is not supported")
     if body.get("n", 1) != 1:
         raise BadRequestError("only n=1 is supported")
+    return body
+
+
+def parse_request(body: Any) -> Request:
+    """The :class:`Request` a chat-completions body asks for."""
+    body = _check_body(body)
     system, (prompt, image) = _parse_messages(body.get("messages"))
+    return Request(prompt=prompt, image=image, system=system, **_settings(body))
+
+
+def parse_completion_request(body: Any) -> Request:
+    """The raw :class:`Request` a (plain) completions body asks for."""
+    body = _check_body(body)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list):
+        raise BadRequestError(
+            "prompt must be a string: lists of prompts or of token ids are not supported"
+        )
+    prompt = _str(prompt, "prompt")
+    if body.get("echo"):
+        raise BadRequestError("echo is not supported")
+    if body.get("suffix") is not None:
+        raise BadRequestError("suffix is not supported")
+    if body.get("best_of") not in (None, 1):
+        raise BadRequestError("only best_of=1 is supported")
+    if body.get("add_special_tokens"):
+        raise BadRequestError(
+            "add_special_tokens=true is not supported: the prompt is tokenized as is"
+        )
+    request = Request(prompt=prompt, raw=True, **_settings(body))
+    problem = raw_problem(request)
+    if problem is not None:
+        raise BadRequestError(problem.removeprefix("bad_request: "))
+    return request
+
+
+def _settings(body: dict[str, Any]) -> dict[str, Any]:
+    """The decoding settings of a completion body, as :class:`Request` fields."""
     max_tokens = _int(body, "max_completion_tokens", 0, 1) or _int(body, "max_tokens", 64, 1)
     temperature = body.get("temperature")
     if temperature is None:
@@ -190,19 +236,16 @@ def parse_request(body: Any) -> Request:
     regex = regex if regex is not None else body.get("regex")
     if regex is not None:
         regex = _str(regex, "regex")
-    return Request(
-        prompt=prompt,
-        image=image,
-        system=system,
-        max_tokens=max_tokens,
-        temperature=float(temperature),
-        regex=regex,
-        seed=_int(body, "seed", 0, -(2**63)),
-    )
+    return {
+        "max_tokens": max_tokens,
+        "temperature": float(temperature),
+        "regex": regex,
+        "seed": _int(body, "seed", 0, -(2**63)),
+    }
 
 
 class BackendServer(ThreadingHTTPServer):
-    """An OpenAI-compatible chat-completions server answering from ``backend``."""
+    """An OpenAI-compatible (chat) completions server answering from ``backend``."""
 
     daemon_threads = True
 
@@ -227,7 +270,7 @@ class BackendServer(ThreadingHTTPServer):
         self.delay_s = delay_s
         self.generate_lock = threading.Lock()
         self.counter_lock = threading.Lock()
-        #: Completion requests received (every POST to the completions path).
+        #: Completion requests received (every POST to either completions path).
         self.received = 0
         #: Completion requests answered 200.
         self.served = 0
@@ -281,6 +324,10 @@ class BackendServer(ThreadingHTTPServer):
         return answers[0]
 
 
+#: The completion paths, and whether each one takes raw (plain completion) requests.
+_COMPLETION_PATHS = {"/v1/chat/completions": False, "/v1/completions": True}
+
+
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server: BackendServer
@@ -326,7 +373,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         path = self.path.split("?", 1)[0].rstrip("/")
-        if path != "/v1/chat/completions":
+        if path not in _COMPLETION_PATHS:
             self.close_connection = True  # the body was not read
             self._error(404, "not found")
             return
@@ -334,15 +381,16 @@ class _Handler(BaseHTTPRequestHandler):
         server.count(received=1, inflight=1)
         self._uncounted = True
         try:
-            self._complete()
+            self._complete(raw=_COMPLETION_PATHS[path])
         finally:
             if self._uncounted:  # failed before answering
                 self._uncounted = False
                 server.count(rejected=1)
             server.count(inflight=-1)
 
-    def _complete(self) -> int:
-        """Answer one completion request; returns the status sent."""
+    def _complete(self, raw: bool) -> int:
+        """Answer one (chat, or with ``raw`` plain) completion request; returns the
+        status sent."""
         server = self.server
         length = self.headers.get("Content-Length")
         if length is None or not length.isdigit():
@@ -353,21 +401,21 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             self._error(413, "request body too large")
             return 413
-        raw = self.rfile.read(int(length))
+        data = self.rfile.read(int(length))
         if not server.authorized(self.headers.get("Authorization")):
             self._error(401, "invalid or missing API key")
             return 401
         if server.delay_s > 0:
             time.sleep(server.delay_s)
-        if server.should_fail(raw):
+        if server.should_fail(data):
             headers = {}
             if server.retry_after is not None:
                 headers["Retry-After"] = f"{server.retry_after:g}"
             self._error(server.fail_status, "injected failure", headers)
             return server.fail_status
         try:
-            body = json.loads(raw)
-            request = parse_request(body)
+            body = json.loads(data)
+            request = parse_completion_request(body) if raw else parse_request(body)
             model = body.get("model")
             if model is not None and model != server.model_name:
                 raise BadRequestError(f"the model {_clip(model)} does not exist", status=404)
@@ -386,29 +434,32 @@ class _Handler(BaseHTTPRequestHandler):
         if answer.error is not None or answer.text is None:
             self._error(500, f"backend error: {answer.error}")
             return 500
-        finish = "length" if answer.completion_tokens >= request.max_tokens else "stop"
-        self._send(
-            200,
-            {
-                "id": f"chatcmpl-{uuid.uuid4().hex}",
-                "object": "chat.completion",
-                "created": int(time.time()),
-                "model": server.model_name,
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": {"role": "assistant", "content": answer.text},
-                        "finish_reason": finish,
-                    }
-                ],
-                "usage": {
-                    "prompt_tokens": answer.prompt_tokens,
-                    "completion_tokens": answer.completion_tokens,
-                    "total_tokens": answer.prompt_tokens + answer.completion_tokens,
-                },
-            },
-        )
+        self._send(200, completion_body(answer, request, server.model_name))
         return 200
+
+
+def completion_body(answer: Answer, request: Request, model_name: str) -> dict[str, Any]:
+    """The 200 body for ``answer``: a ``chat.completion``, or for a raw request a
+    ``text_completion``."""
+    finish = "length" if answer.completion_tokens >= request.max_tokens else "stop"
+    choice: dict[str, Any] = {"index": 0}
+    if request.raw:
+        choice.update(text=answer.text, logprobs=None, finish_reason=finish)
+    else:
+        choice["message"] = {"role": "assistant", "content": answer.text}
+        choice["finish_reason"] = finish
+    return {
+        "id": f"{'cmpl' if request.raw else 'chatcmpl'}-{uuid.uuid4().hex}",
+        "object": "text_completion" if request.raw else "chat.completion",
+        "created": int(time.time()),
+        "model": model_name,
+        "choices": [choice],
+        "usage": {
+            "prompt_tokens": answer.prompt_tokens,
+            "completion_tokens": answer.completion_tokens,
+            "total_tokens": answer.prompt_tokens + answer.completion_tokens,
+        },
+    }
 
 
 def serve(
