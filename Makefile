@@ -4,7 +4,8 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.curate-installed
 
-.PHONY: setup demo test check lint types pytest bench lock clean text-quality image-text-clip image-text-mlm
+.PHONY: setup demo test check lint types pytest bench lock clean text-quality image-text-clip image-text-mlm \
+	mmssr instruction-synth
 
 setup: $(STAMP)
 
@@ -18,7 +19,7 @@ $(STAMP): requirements/lock.txt requirements/nodeps.txt pyproject.toml
 demo: setup
 	$(BIN)/curate run pipelines/demo_text.yaml --output out/demo_text --overwrite
 	$(BIN)/curate run pipelines/demo_image_text.yaml --output out/demo_image_text --overwrite
-	$(MAKE) --no-print-directory image-text-clip image-text-mlm
+	$(MAKE) --no-print-directory image-text-clip image-text-mlm mmssr instruction-synth
 
 # DataComp-style CLIP filtering of the bundled pairs, with a self-built tiny CLIP checkpoint.
 CLIP_CKPT := pipelines/models/curate-tiny-clip.pt
@@ -29,10 +30,19 @@ image-text-clip: setup $(CLIP_CKPT)
 
 # MLM-Filter scoring (Open-Qwen2VL's SU >= 85) with a self-built tiny in-process MLLM.
 TINY_VLM := pipelines/models/tiny-vlm
-$(TINY_VLM): | setup
+$(TINY_VLM): curate/mllm/tiny.py | setup
+	rm -rf $@
 	$(BIN)/curate build-tiny-mllm -o $@ --seed 0
 image-text-mlm: setup $(TINY_VLM)
 	$(BIN)/curate run pipelines/image_text_mlm.yaml --output out/image_text_mlm --overwrite
+
+# mmSSR capability scoring and 30 % selection of LLaVA-format data (tiny MLLM as above).
+mmssr: setup $(TINY_VLM)
+	$(BIN)/curate run pipelines/recipes/mmssr_select.yaml --output out/mmssr_select --overwrite
+
+# Synthetic instructions from documents and images, deduplicated, judged, decontaminated.
+instruction-synth: setup $(TINY_VLM)
+	$(BIN)/curate run pipelines/instruction_synth.yaml --output out/instruction_synth --overwrite
 
 # The text quality stack on real data: fetch Debian descriptions (apt) and build the
 # low-quality set, train the quality classifier and the n-gram LM, run the pipeline.

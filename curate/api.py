@@ -14,7 +14,12 @@ from curate.dag import Plan, build_plan
 from curate.io import storage
 from curate.io.storage import LOCAL, StorageOptions
 from curate.lineage import commits
-from curate.lineage.manifest import build_manifest, stage_seconds, write_manifest
+from curate.lineage.manifest import (
+    build_manifest,
+    stage_run_counters,
+    stage_seconds,
+    write_manifest,
+)
 from curate.runner import Runner, cluster_resources, node_resources, ray_version
 
 
@@ -162,6 +167,7 @@ def run_plan(
         "started_at": started.isoformat(timespec="seconds"),
         "seconds": round(time.perf_counter() - t0, 3),
         "stage_seconds": stage_seconds(runner.reports),
+        "stage_counters": stage_run_counters(runner.reports),
         "global_stage_seconds": {k: round(v, 4) for k, v in runner.global_seconds.items()},
         "global_stage_phases": runner.global_phases,
         "output": out,

@@ -131,7 +131,7 @@ def print_summary(manifest: dict[str, Any]) -> None:
             s["name"],
             s["type"],
             f"{s['rows_in']:,}",
-            f"{s['kept']:,}",
+            f"{s['kept']:,}" + (f" → {s['rows_out']:,} made" if "rows_out" in s else ""),
             f"{s['dropped']:,}",
             reasons,
             f"{seconds.get(s['name'], 0.0):.2f}",
@@ -140,7 +140,12 @@ def print_summary(manifest: dict[str, Any]) -> None:
     for sink, files in manifest["outputs"].items():
         rows = sum(f["rows"] for f in files)
         size = sum(f["bytes"] for f in files)
-        out.print(f"sink {sink}: {rows:,} rows in {len(files)} shard(s), {size / 2**20:.2f} MiB")
+        line = f"sink {sink}: {rows:,} rows in {len(files)} shard(s), {size / 2**20:.2f} MiB"
+        images = [i for i in manifest.get("images", []) if i["sink"] == sink]
+        if images:  # a llava sink's image files
+            count, isize = sum(i["files"] for i in images), sum(i["bytes"] for i in images)
+            line += f"; {count:,} images, {isize / 2**20:.2f} MiB"
+        out.print(line)
     rejects, wall = manifest["rejects"]["rows"], manifest["run"]["seconds"]
     out.print(f"rejects: {rejects:,} rows; wall time {wall:.1f} s")
 

@@ -24,8 +24,11 @@ import pyarrow as pa
 from curate.config.load import Pipeline, unknown_input
 from curate.config.model import BoundStage
 from curate.config.yamlpos import ConfigError, Issue, Loc
+from curate.conversations import CONVERSATION_TYPE
 from curate.io import storage
 from curate.io.files import InputError, Shard, infer_format, list_shards
+from curate.io.llava import LLAVA_COLUMNS, file_layout
+from curate.io.llava import image_root as llava_image_root
 from curate.io.readers import declared_columns
 from curate.io.storage import StorageError
 from curate.io.webdataset import WEBDATASET_COLUMNS
@@ -122,6 +125,9 @@ def _source_columns(
     over every shard's footer (null columns and narrower types widen)."""
     spec = pipeline.spec.sources[name]
     where: Loc = ("sources", name)
+    if spec.format == "llava":  # never inferred: every shard is read as llava
+        _check_llava_source(pipeline, name, shards, issues)
+        return {**RESERVED_COLUMNS, **LLAVA_COLUMNS, **declared_columns(spec)}
     formats = {spec.format or infer_format(s.path) for s in shards}
     if len(formats) > 1:
         found = ", ".join(sorted(str(f) for f in formats))
@@ -147,6 +153,31 @@ def _source_columns(
         return dict(RESERVED_COLUMNS)
     schema = _unified_parquet_schema(pipeline, name, shards, issues)
     return {**RESERVED_COLUMNS, **_extra_columns(pipeline, name, schema, shards[0].uri, issues)}
+
+
+def _check_llava_source(
+    pipeline: Pipeline, name: str, shards: list[Shard], issues: list[Issue]
+) -> None:
+    """A llava source reads .json/.jsonl files, and its local ``image_root`` exists."""
+    spec = pipeline.spec.sources[name]
+    odd = [s.uri for s in shards if file_layout(s.path) is None]
+    if odd:
+        issues.append(
+            pipeline.positions.issue(
+                ("sources", name, "uri"),
+                f"a llava source reads .json (one array) or .jsonl files, got {odd[0]}",
+            )
+        )
+    root = spec.image_root
+    if root is None or storage.is_s3(root) or not spec.load_images:
+        return
+    path = llava_image_root(root, spec.base_dir, "")
+    if not Path(path).is_dir():
+        issues.append(
+            pipeline.positions.issue(
+                ("sources", name, "image_root"), f"expected a folder, got {root!r} ({path})"
+            )
+        )
 
 
 def _unified_parquet_schema(
@@ -305,6 +336,34 @@ def _check_unions(
                 seen.setdefault(source, parent)
 
 
+def _check_sinks(plan: Plan, issues: list[Issue], line: Callable[[Loc, str], Issue]) -> None:
+    """A llava sink writes conversations: its input must have them, and the columns it
+    is asked to add."""
+    for name, sink in plan.pipeline.spec.sinks.items():
+        columns = plan.columns.get(sink.input)
+        if sink.format != "llava" or columns is None:
+            continue
+        kind = columns.get("conversations")
+        if kind is None or not kind.equals(CONVERSATION_TYPE):
+            got = "no such column" if kind is None else f"it is {kind}"
+            issues.append(
+                line(
+                    ("sinks", name, "format"),
+                    f"a llava sink writes the 'conversations' column ({CONVERSATION_TYPE}) "
+                    f"of its input {sink.input!r}: {got}",
+                )
+            )
+        missing = [c for c in sink.columns or [] if c not in columns]
+        if missing:
+            issues.append(
+                line(
+                    ("sinks", name, "columns"),
+                    f"{sink.input!r} has no column {missing[0]!r} "
+                    f"(available: {', '.join(sorted(columns))})",
+                )
+            )
+
+
 def _check_dependencies(plan: Plan, issues: list[Issue], line: Callable[[Loc, str], Issue]) -> None:
     for name, stage in plan.stages.items():
         for req in type(stage).requires:
@@ -345,6 +404,7 @@ def build_plan(pipeline: Pipeline) -> Plan:
     issues: list[Issue] = []
     shards: dict[str, list[Shard]] = {}
     for name, source in pipeline.spec.sources.items():
+        source.bind_base_dir(str(Path(pipeline.base_dir).resolve()))  # as `uri` resolves
         try:
             shards[name] = list_shards(
                 source.uri, pipeline.base_dir, pipeline.spec.storage.options()
@@ -361,6 +421,7 @@ def build_plan(pipeline: Pipeline) -> Plan:
     order = _topo_order(pipeline, issues, line)
     _check_unions(pipeline, issues, line)
     _check_columns(plan, order, issues, line)
+    _check_sinks(plan, issues, line)
     _check_dependencies(plan, issues, line)
     _check_models(plan, issues, line)
     if issues:

@@ -77,10 +77,13 @@ from curate.stage import (
     Annotator,
     Fill,
     Filter,
+    Generator,
     GlobalStage,
+    Resources,
     Stage,
     StageContext,
     decision_schema,
+    set_column,
 )
 
 
@@ -305,21 +308,36 @@ def run_stage(
         else [block.slice(i, batch_size) for i in range(0, max(rows_in, 1), batch_size)]
     )
     kept_parts, reject_parts = [], []
-    before = dict(stage.counters())
+    before = (dict(stage.counters()), dict(stage.run_counters()))
     for part in slices:
         kept, rejects = _run_one(name, stage, part)
         kept_parts.append(kept)
         reject_parts.append(rejects)
     kept = pa.concat_tables(kept_parts)
     rejects = pa.concat_tables(reject_parts)
+    rows_out = None
+    if isinstance(stage, Generator):  # new rows: positions in the unit start again at 0
+        kept = set_column(kept, POS, pa.array(np.arange(kept.num_rows, dtype=np.int64)))
+        rows_out = kept.num_rows
     written = write_rejects(layout.rejects(name, unit), rejects, layout.opts)
     seconds = time.perf_counter() - start
     report = stage_report(
-        name, unit, rows_in, rejects, seconds, written, details=stage.reason_details
+        name,
+        unit,
+        rows_in,
+        rejects,
+        seconds,
+        written,
+        details=stage.reason_details,
+        rows_out=rows_out,
     )
-    counted = {k: v - before.get(k, 0) for k, v in stage.counters().items()}
-    if any(counted.values()):
-        report["counters"] = {k: v for k, v in sorted(counted.items()) if v}
+    for key, now, then in (
+        ("counters", stage.counters(), before[0]),
+        ("run_counters", stage.run_counters(), before[1]),
+    ):
+        grown = {k: v - then.get(k, 0) for k, v in sorted(now.items()) if v != then.get(k, 0)}
+        if grown:
+            report[key] = grown
     return kept, report
 
 
@@ -348,7 +366,46 @@ def _run_one(name: str, stage: Stage, part: pa.Table) -> tuple[pa.Table, pa.Tabl
         drop_mask = pa.array(~verdict.keep)
         value = verdict.value.filter(drop_mask) if verdict.value is not None else None
         return kept, build_rejects(name, dropped, verdict.reason.filter(drop_mask), value)
+    if isinstance(stage, Generator):
+        return _generate(name, stage, part)
     raise TypeError(f"stage {name!r} of kind {stage.kind!r} cannot run as a map stage")
+
+
+def _generate(name: str, stage: Generator, part: pa.Table) -> tuple[pa.Table, pa.Table]:
+    """A generator's new rows (with ids, ``seed_id``, provenance) and dropped seeds."""
+    out = stage.generate(part)
+    n = part.num_rows
+    seed = np.asarray(out.seed, dtype=np.int64)
+    if len(out.reason) != n or out.rows.num_rows != len(seed):
+        raise AccountingError(
+            f"generator {name!r} answered for {len(out.reason)} of {n} seeds, "
+            f"or for {len(seed)} seeds of its {out.rows.num_rows} rows"
+        )
+    if len(seed) and (seed[0] < 0 or seed[-1] >= n or (np.diff(seed) < 0).any()):
+        raise AccountingError(f"generator {name!r}: seed indexes out of range or order")
+    produced = np.bincount(seed, minlength=n) > 0
+    if not np.array_equal(produced, np.asarray(pc.is_null(out.reason))):
+        raise AccountingError(
+            f"generator {name!r}: a seed must give rows or a reason, not both or neither"
+        )
+    rows = out.rows
+    take = pa.array(seed)
+    seed_ids = part.column("id").take(take).to_pylist()
+    starts = np.searchsorted(seed, seed)  # each row's rank among its seed's rows
+    ids = [f"{s}/{name}/{k}" for s, k in zip(seed_ids, np.arange(len(seed)) - starts, strict=True)]
+    for column, values in (
+        ("id", pa.array(ids, pa.string())),
+        ("seed_id", pa.array(seed_ids, pa.string())),
+        ("source", part.column("source").take(take)),
+        ("provenance", part.column("provenance").take(take)),
+        (UNIT, part.column(UNIT).take(take)),
+        (POS, part.column(POS).take(take)),
+    ):
+        rows = set_column(rows, column, values)
+    dropped = pa.array(~produced)
+    value = out.value.filter(dropped) if out.value is not None else None
+    rejects = build_rejects(name, part.filter(dropped), out.reason.filter(dropped), value)
+    return rows, rejects
 
 
 @dataclass(frozen=True)
@@ -394,6 +451,20 @@ def write_targets(
             )
             if index is not None:
                 reports.append(_file_report("index", target.name, unit, index))
+        elif sink.format == "llava":
+            from curate.io.sink import write_llava_sink
+
+            files, images = write_llava_sink(
+                block,
+                layout,
+                target.name,
+                unit,
+                target.shard_bytes,
+                sink.shard_samples,
+                sink.columns,
+            )
+            if images is not None:  # the images are files, not rows: a report of their own
+                reports.append(images)
         else:
             files = write_sink(
                 block, layout, target.name, unit, target.shard_bytes, sink.compression, sink.columns
@@ -678,6 +749,39 @@ class Runner:
         )
         return ds
 
+    def _groups(self, segment: Segment) -> list[tuple[list[BoundStage], Resources]]:
+        """The segment's actor groups as this cluster runs them, with their resources.
+
+        ``num_gpus: auto`` is resolved first, so that on a cluster without GPUs an
+        ``auto`` stage fuses with its CPU neighbours.  Ray Data starts one actor of
+        every pool up front, and runs the reads inside the first pool's actors only
+        when that pool asks for exactly a read task's 1 CPU; if the first actors and
+        a separate 1-CPU read would not fit the cluster (2 CPUs, pools of 0.5 and 1
+        CPU), every group is fused into one pool of actors of at least 1 CPU (the
+        largest request of each kind), rather than waiting forever for a CPU.
+        """
+        total_gpus = cluster_resources().get("GPU", 0.0)
+        groups: list[tuple[list[BoundStage], Resources]] = []
+        for names in segment.groups:
+            bound = [self.plan.pipeline.stages[n] for n in names]
+            res = bound[0].resources
+            res = res.model_copy(update={"num_gpus": res.gpus(total_gpus)})
+            if groups and groups[-1][1].fusion_key() == res.fusion_key():
+                groups[-1][0].extend(bound)
+            else:
+                groups.append((bound, res))
+        cpus = cluster_resources().get("CPU", 1.0)
+        first = groups[0][1] if groups else None
+        read = 0.0 if first is not None and first.num_cpus == 1 and not first.num_gpus else 1.0
+        if len(groups) > 1 and sum(_pinned_cpus(r) for _, r in groups) + read > cpus:
+            merged = [b for group, _ in groups for b in group]
+            biggest = Resources(
+                num_cpus=max(1.0, *(r.num_cpus for _, r in groups)),
+                num_gpus=max(float(r.num_gpus) for _, r in groups),
+            )
+            groups = [(merged, biggest)]
+        return groups
+
     def _run_segment(self, segment: Segment) -> None:
         reads = self._reads(segment)
         if self.resume:
@@ -688,17 +792,18 @@ class Runner:
         if not reads:
             self._mark_done(segment)
             return
+        groups = self._groups(segment)
         ds = self._dataset(reads)
         targets = self._targets(segment)
-        groups = segment.groups
-        for i, group in enumerate(groups):
-            bound = [self.plan.pipeline.stages[n] for n in group]
+        for i, (bound, resources) in enumerate(groups):
             last = i == len(groups) - 1
             with warnings.catch_warnings():
                 # GPU requests go through ray_remote_args_fn (see _ray_args), which Ray
                 # 2.60 marks deprecated from 2.64; Ray is pinned to 2.60 here.
                 warnings.filterwarnings("ignore", message=".*ray_remote_args_fn.*")
-                ds = self._map_group(ds, bound, len(reads), len(groups), targets, segment, last)
+                ds = self._map_group(
+                    ds, bound, resources, len(reads), len(groups), targets, segment, last
+                )
         if not groups:
             ds = ds.map_batches(
                 functools.partial(
@@ -716,6 +821,7 @@ class Runner:
         self,
         ds: ray.data.Dataset,
         bound: list[BoundStage],
+        resources: Resources,
         n_units: int,
         n_groups: int,
         targets: list[Target],
@@ -737,7 +843,7 @@ class Runner:
             batch_size=None,
             batch_format="pyarrow",
             zero_copy_batch=True,
-            **_ray_args(bound[0], n_units, n_groups),
+            **_ray_args(resources, n_units, n_groups),
         )
 
     def _mark_done(self, segment: Segment) -> None:
@@ -816,9 +922,17 @@ def _gpu_args(gpus: float) -> dict[str, Any]:
     return {"num_gpus": gpus}
 
 
-def _ray_args(bound: BoundStage, n_units: int, n_groups: int) -> dict[str, Any]:
+def _pinned_cpus(res: Resources) -> float:
+    """CPUs the first actors of a pool with ``res`` hold for the whole segment."""
+    if isinstance(res.concurrency, int):
+        return float(res.num_cpus * res.concurrency)
+    if isinstance(res.concurrency, tuple):
+        return float(res.num_cpus * res.concurrency[0])
+    return float(res.num_cpus)
+
+
+def _ray_args(res: Resources, n_units: int, n_groups: int) -> dict[str, Any]:
     """Ray resources and pool size of a group's actors."""
-    res = bound.resources
     args: dict[str, Any] = {"num_cpus": res.num_cpus}
     total_gpus = cluster_resources().get("GPU", 0.0)
     gpus = res.gpus(total_gpus)

@@ -30,7 +30,7 @@ from curate.io.storage import LOCAL, StorageOptions
 if TYPE_CHECKING:
     import ray.data
 
-StageKind = Literal["annotator", "filter", "global"]
+StageKind = Literal["annotator", "filter", "generator", "global"]
 
 #: Columns every record carries from its source onwards.
 RESERVED_COLUMNS: dict[str, pa.DataType] = {
@@ -144,8 +144,15 @@ class Stage(ABC):
         """Load heavy state (models, tables); called once per actor."""
 
     def counters(self) -> Mapping[str, int]:
-        """Running totals this actor's instance kept (requests, parse failures...);
-        the runner records each unit's increase, the manifest's stage row the sums."""
+        """Running totals of facts about the data (parse failures, pairs made) this
+        actor's instance kept; the runner records each unit's increase, the
+        manifest's stage row the sums.  They must not depend on the run (caches,
+        retries): the stage rows of two runs of the same inputs are identical."""
+        return {}
+
+    def run_counters(self) -> Mapping[str, int]:
+        """Running totals that depend on the run (requests sent, cache hits, retries,
+        tokens); summed into the manifest's ``run.stage_counters``."""
         return {}
 
 
@@ -191,6 +198,43 @@ class Filter(Stage):
         verdict = self.decide(batch)
         out = verdict.batch if verdict.batch is not None else batch
         return out.filter(pa.array(verdict.keep))
+
+
+@dataclass(frozen=True)
+class Generated:
+    """A generator's output for one batch of seed rows.
+
+    ``rows`` are the new rows, each made from the seed row ``seed[k]`` (an index
+    into the batch, ascending): they start as a copy of that seed and carry the
+    generator's :meth:`Stage.writes` columns; the runner gives them their ids,
+    ``seed_id`` and positions.  A seed that gave no row is dropped with
+    ``reason[i]`` (and ``value[i]``); ``reason`` is null for seeds that gave rows.
+    """
+
+    rows: pa.Table
+    seed: np.ndarray[Any, np.dtype[np.int64]]
+    reason: pa.Array
+    value: pa.Array | None = None
+
+
+class Generator(Stage):
+    """Makes new rows from seed rows (synthetic instructions from documents or images).
+
+    Row accounting counts seeds: ``rows_in`` seeds are ``kept`` (they gave at least
+    one row) or ``dropped`` with a reason; ``rows_out`` counts the rows made, and
+    that is what the next stage receives.  Every new row keeps ``seed_id``, the
+    id of the seed it came from, and its provenance; its ``id`` is
+    ``<seed id>/<stage>/<k>`` for the seed's k-th row.
+    """
+
+    kind: ClassVar[StageKind] = "generator"
+
+    def writes(self) -> Mapping[str, pa.DataType]:
+        return {"seed_id": pa.string()}
+
+    @abstractmethod
+    def generate(self, batch: pa.Table) -> Generated:
+        """New rows for the seeds of ``batch``."""
 
 
 #: Schema of a global stage's decisions: one row per dropped input row.

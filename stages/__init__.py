@@ -28,4 +28,6 @@ BUILTIN_STAGES: dict[str, str] = {
     "capability_score": "curate.stages.capability_score:CapabilityScore",
     "capability_select": "curate.stages.capability_select:CapabilitySelect",
     "decontaminate": "curate.stages.decontaminate:Decontaminate",
+    "instruction_synth": "curate.stages.instruction_synth:InstructionSynth",
+    "judge_score": "curate.stages.judge_score:JudgeScore",
 }

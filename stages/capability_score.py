@@ -43,7 +43,7 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 import pyarrow as pa
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from curate.mllm import mmssr
 from curate.mllm.backend import Answer, Request
@@ -82,6 +82,12 @@ class CapabilityScoreConfig(BackendStageConfig):
         if len(set(keys)) != len(keys):
             raise ValueError("a capability is listed twice")
         return keys
+
+    @model_validator(mode="after")
+    def _asks_something(self) -> CapabilityScoreConfig:
+        if not self.capabilities and not self.styles:
+            raise ValueError("nothing to ask: give capabilities, or styles: true")
+        return self
 
 
 class CapabilityScore(BackendStage, Filter):

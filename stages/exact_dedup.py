@@ -1,5 +1,8 @@
 """``exact_dedup``: drop exact duplicates of the normalized text, on Ray.
 
+``column`` picks what is compared (the text by default; ``instruction`` drops
+generated questions asked twice anywhere in the dataset).
+
 Map: normalize the text (lowercase, collapse whitespace, trim: each optional)
 and hash it with 128-bit xxh3.  Shuffle: by ``hash mod num_partitions`` with
 two waves of Ray tasks (:func:`curate.shuffle.hash_shuffle`), so one task holds
@@ -35,6 +38,8 @@ PART = "_part"
 
 
 class ExactDedupConfig(StageConfig):
+    #: The column compared (``instruction``: generated questions, across the dataset).
+    column: str = "text"
     lowercase: bool = True
     collapse_whitespace: bool = True
     keep: Literal["first", "smallest_id"] = "first"
@@ -65,7 +70,7 @@ class ExactDedup(GlobalStage):
     config: ExactDedupConfig
 
     def reads(self) -> Sequence[str]:
-        return ("text",)
+        return (self.config.column,)
 
     def plan(self, keys: ray.data.Dataset) -> ray.data.Dataset:
         hashed = keys.map_batches(self.hash_batch, batch_format="pyarrow", batch_size=None)
@@ -76,7 +81,9 @@ class ExactDedup(GlobalStage):
 
     def hash_batch(self, batch: pa.Table) -> pa.Table:
         cfg = self.config
-        hi, lo = hash128(normalize(batch.column("text"), cfg.lowercase, cfg.collapse_whitespace))
+        hi, lo = hash128(
+            normalize(batch.column(cfg.column), cfg.lowercase, cfg.collapse_whitespace)
+        )
         return pa.table(
             {
                 UNIT: batch.column(UNIT),

@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import user_files
+from conftest import REPO, user_files
 from curate.stages.capability_score import CapabilityScore, CapabilityScoreConfig
 from curate.stages.capability_select import CapabilitySelectConfig
 from pydantic import ValidationError
@@ -233,7 +233,7 @@ def test_faithful_over_http_rejects_with_raw_answers(
     assert out.column("mmssr_styles").to_pylist()[5] == ["multi-choice"]
     raw = out.column("mmssr_spatial_raw").to_pylist()
     assert [str(v) for v in out.column("mmssr_spatial").to_pylist()] == raw
-    assert s.counters()["requests"] == 90
+    assert s.run_counters()["requests"] == 90
     assert s.counters()["parse_errors:ocr:out_of_range"] == 1
 
 
@@ -279,7 +279,7 @@ def test_request_cache_spares_every_question_on_resume(
     second = stage(http(server), tmp_path, capabilities=["ocr", "stem"])
     assert second.decide(rows()).batch == expected
     assert len(backend.asked) == before
-    assert second.counters()["cached_answers"] == 18
+    assert second.run_counters()["cached_answers"] == 18
     # another capability is a new question; the cached ones are not asked again
     third = stage(http(server), tmp_path, capabilities=["ocr", "stem", "scene"])
     third.decide(rows())
@@ -367,7 +367,7 @@ def test_score_then_select_on_ray(
         "capability_score:stem:unparseable": 6,
         "capability_score:styles:unknown_style": 7,
     }
-    assert stages["score"]["counters"]["requests"] == 40 * 4
+    assert m["run"]["stage_counters"]["score"]["requests"] == 40 * 4
     select = stages["select"]
     assert select["rows_in"] == 20 and select["kept"] == 6
     assert select["reasons"] == {"capability_select:not_selected": 14}
@@ -407,3 +407,21 @@ def test_score_then_select_on_ray(
     direct = mmssr_select(caps, Bins.of(bins), 6)
     ids = scored.column("id").to_pylist()
     assert sorted(ids[i] for i in direct.chosen) == sorted(table.column("id").to_pylist())
+
+
+def test_bundled_recipe_runs(ray_local: None, model_dir: Path, tmp_path: Path) -> None:
+    """pipelines/recipes/mmssr_select.yaml on its bundled data, with the tiny model."""
+    recipe = REPO / "pipelines" / "recipes" / "mmssr_select.yaml"
+    out = tmp_path / "out"
+    run(str(recipe), str(out), overrides=[f"stages.score.backend.model={model_dir}"])
+    m = json.loads((out / "manifest.json").read_text())
+    stages = {s["name"]: s for s in m["stages"]}
+    assert stages["pool"]["kept"] == 80
+    assert stages["score"]["kept"] == 80  # guided answers always parse
+    assert stages["select"]["kept"] == 24  # int(80 * 0.3)
+    assert m["run"]["stage_counters"]["score"]["requests"] == 80 * 15
+    entries = json.loads(next((out / "selected").glob("*.json")).read_text())
+    assert len(entries) == 24
+    for entry in entries:
+        assert (out / "selected" / entry["image"]).is_file()
+        assert entry["conversations"][0]["from"] == "human"

@@ -48,10 +48,10 @@ def test_auto_gpu_stage_asks_for_one_gpu_and_runs(ray_gpu: None, tmp_path: Path)
     pipe = tmp_path / "p.yaml"
     pipe.write_text(PIPE)
     plan = check(str(pipe))
-    args = _ray_args(plan.pipeline.stages["clip"], n_units=4, n_groups=2)
+    args = _ray_args(plan.pipeline.stages["clip"].resources, n_units=4, n_groups=2)
     assert args["ray_remote_args_fn"]() == {"num_gpus": 1.0}
     assert args["compute"].max_size == 1  # one actor per GPU
-    assert "ray_remote_args_fn" not in _ray_args(plan.pipeline.stages["crop"], 4, 2)
+    assert "ray_remote_args_fn" not in _ray_args(plan.pipeline.stages["crop"].resources, 4, 2)
     manifest = run(str(pipe), str(tmp_path / "out")).manifest
     stages = {s["name"]: s for s in manifest["stages"]}
     assert stages["clip"]["rows_in"] == stages["crop"]["kept"] > 0

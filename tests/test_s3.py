@@ -310,3 +310,35 @@ def test_request_cache_on_s3(opts: StorageOptions) -> None:
     assert inner.asked == 1 and again.stats["hits"] == 2
     names = [f.uri.rsplit("/", 1)[1] for f in storage.list_prefix(root, opts)]
     assert len(names) == 1 and re.fullmatch(r"[0-9a-f]{32}-000000\.jsonl", names[0])
+
+
+def test_llava_images_read_from_and_written_to_s3(opts: StorageOptions) -> None:
+    import json
+
+    from curate.config.model import SourceSpec
+    from curate.io.files import plan_units
+    from curate.io.layout import Layout
+    from curate.io.readers import read_unit
+    from curate.io.sink import write_llava_sink
+
+    base = f"s3://{BUCKET}/llava"
+    turns = [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "Red."}]
+    samples = [
+        {"id": "a", "image": "a.png", "conversations": turns},
+        {"id": "b", "image": "none.png", "conversations": turns},
+        {"id": "c", "image": "../in/a.png", "conversations": turns},
+    ]
+    storage.write_bytes(f"{base}/in/data.json", json.dumps(samples).encode(), opts)
+    storage.write_bytes(f"{base}/in/imgs/a.png", b"\x89PNG not really", opts)
+    spec = SourceSpec(uri=f"{base}/in/data.json", format="llava", image_root=f"{base}/in/imgs")
+    (unit,) = plan_units("chat", list_shards(spec.uri, Path("."), opts), 1 << 30, 0)
+    table, rejects, _ = read_unit(unit, spec, opts=opts)
+    assert table.column("image").to_pylist() == [b"\x89PNG not really"]
+    reasons = [r.split(":", 1)[0] for r in rejects.column("reason").to_pylist()]
+    assert reasons == ["missing_image", "unsafe_path"]  # S3's NoSuchKey is a missing image
+    layout = Layout(f"{base}/out", opts)
+    files, images = write_llava_sink(table, layout, "chat", 0, 1 << 20, None, None)
+    (entry,) = json.loads(storage.read_bytes(files[0].path, opts))
+    image_id = table.column("id")[0].as_py()
+    assert entry["image"] == f"images/part-000000/{image_id}.png" and images is not None
+    assert storage.read_bytes(f"{base}/out/chat/{entry['image']}", opts) == b"\x89PNG not really"

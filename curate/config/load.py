@@ -116,7 +116,7 @@ def _rebase(key: str, value: Any, base_dir: Path) -> Any:
     """Paths on the command line are relative to the current folder, paths in the
     file to the file's folder: rewrite the former relative to the file's folder, so
     that the same files give the same provenance (and ids) whichever way they came."""
-    if key not in ("uri", "output", "model"):
+    if key not in ("uri", "output", "model", "image_root"):
         return value
     if isinstance(value, list):
         return [_rebase(key, v, base_dir) for v in value]

@@ -10,7 +10,15 @@ from __future__ import annotations
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ByteSize, ConfigDict, Field, field_validator
+from pydantic import (
+    BaseModel,
+    ByteSize,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationInfo,
+    field_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from curate.io.storage import StorageOptions
@@ -19,6 +27,8 @@ from curate.stage import POS, RESERVED_COLUMNS, UNIT, Resources, StageConfig
 RESERVED_NAMES = {*RESERVED_COLUMNS, UNIT, POS}
 #: Columns a WebDataset source adds (see ``curate.io.webdataset``).
 WEBDATASET_NAMES = {"key", "image", "image_ext", "width", "height"}
+#: Columns a LLaVA source adds (see ``curate.io.llava``).
+LLAVA_NAMES = {"conversations", "image", "image_url", "image_source"}
 #: Column types a JSONL source may declare for its extra fields.
 ColumnType = Literal["string", "int64", "float64", "bool", "json"]
 
@@ -33,8 +43,8 @@ class SourceSpec(_Strict):
     uri: str | list[str] = Field(
         description="file, directory, glob, brace range, s3:// URI, or a list of them"
     )
-    format: Literal["jsonl", "parquet", "webdataset"] | None = Field(
-        None, description="inferred from the file extension when absent"
+    format: Literal["jsonl", "parquet", "webdataset", "llava"] | None = Field(
+        None, description="inferred from the file extension when absent (never llava)"
     )
     text_column: str = "text"
     #: For WebDataset: a field of the ``.json`` member, else an id is derived.
@@ -50,14 +60,37 @@ class SourceSpec(_Strict):
     max_image_pixels: int = Field(89_478_485, gt=0)
     #: Extra fields to keep, with their types; for Parquet, None keeps all columns.
     columns: dict[str, ColumnType] | None = None
+    #: llava: the folder or ``s3://`` prefix image paths are relative to (a relative
+    #: one is relative to the pipeline file, like ``uri``); default: each file's folder.
+    image_root: str | None = None
+    #: llava: read the image files (else ``image`` stays null, ``image_url`` keeps the path).
+    load_images: bool = True
+    #: Folder relative paths of the spec resolve against (the pipeline file's folder;
+    #: set by the planner, never part of the spec or its hash).
+    _base_dir: str = PrivateAttr(".")
 
     @field_validator("columns")
     @classmethod
     def _not_reserved(cls, value: dict[str, ColumnType] | None) -> dict[str, ColumnType] | None:
-        taken = sorted(set(value or {}) & (RESERVED_NAMES | WEBDATASET_NAMES))
+        taken = sorted(set(value or {}) & (RESERVED_NAMES | WEBDATASET_NAMES | LLAVA_NAMES))
         if taken:
             raise ValueError(f"column names not reserved by curate ({', '.join(taken)} are)")
         return value
+
+    @field_validator("image_root", "load_images")
+    @classmethod
+    def _llava_only(cls, value: Any, info: ValidationInfo) -> Any:
+        if "format" in info.data and info.data["format"] != "llava":
+            raise ValueError(f"{info.field_name} only with 'format: llava'")
+        return value
+
+    @property
+    def base_dir(self) -> str:
+        return self._base_dir
+
+    def bind_base_dir(self, base_dir: str) -> None:
+        """Say which folder the spec's relative paths (``image_root``) resolve against."""
+        self._base_dir = base_dir
 
 
 class StageSpec(BaseModel):
@@ -82,9 +115,10 @@ class SinkSpec(_Strict):
     """Where the output of one node is written."""
 
     input: str
-    format: Literal["parquet", "webdataset"] = "parquet"
+    #: ``llava``: JSON arrays of ``{id, image, conversations, ...}`` plus an ``images/`` folder.
+    format: Literal["parquet", "webdataset", "llava"] = "parquet"
     shard_bytes: ByteSize | None = Field(None, description="defaults to execution.shard_bytes")
-    #: WebDataset: also cut a tar after this many samples.
+    #: WebDataset, llava: also cut a tar (a JSON file) after this many samples.
     shard_samples: int | None = Field(None, gt=0)
     compression: Literal["zstd", "snappy", "gzip", "none"] = "zstd"
     #: Columns to write (reserved columns are always written); None writes all.

@@ -5,6 +5,8 @@ OUT/manifest.json
 OUT/<sink>/part-<unit>-<k>.parquet        curated output shards (Parquet sink)
 OUT/<sink>/part-<unit>-<k>.tar            curated output shards (WebDataset sink)
 OUT/<sink>/index/part-<unit>.parquet      WebDataset sink: key -> shard, byte offset, size
+OUT/<sink>/part-<unit>-<k>.json           curated output shards (llava sink: JSON arrays)
+OUT/<sink>/images/part-<unit>/<id>.<ext>  llava sink: the images its JSON files name
 OUT/rejects/<stage>/unit-<unit>.parquet   every dropped row: id, stage, reason, value, provenance
 OUT/_work/<node>/unit-<unit>.parquet      materialized intermediate outputs
 OUT/_work/<stage>.decisions/unit-<unit>.parquet   a global stage's decisions

@@ -8,16 +8,22 @@ quarantined row naming its file and line, and everything else still flows.
 
 Output columns of a unit: ``id``, ``text``, ``source``, ``provenance`` (struct
 of shard ``uri`` and ``row``: the 0-based line of a JSONL file, the row of a
-Parquet file), the declared extra columns, and the internal ``_unit``/``_pos``.
+Parquet file), the format's own columns (WebDataset, LLaVA), the declared extra
+columns, and the internal ``_unit``/``_pos``.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import errno
 import gzip
 import hashlib
 import io
 import json
+import os
 import re
+import stat
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -32,7 +38,19 @@ import xxhash
 import zstandard
 
 from curate.config.model import ColumnType, SourceSpec
+from curate.conversations import ConversationError, normalize, render_text
+from curate.io import storage
 from curate.io.files import InputError, Shard, Unit, infer_format, read_bytes
+from curate.io.llava import (
+    LLAVA_COLUMNS,
+    SAMPLE_KEYS,
+    TURN_KEYS,
+    file_layout,
+    image_reference,
+    image_root,
+    resolve_image,
+    unsafe_path,
+)
 from curate.io.storage import LOCAL, StorageOptions
 from curate.io.webdataset import WEBDATASET_COLUMNS, image_size, scan_tar
 from curate.stage import POS, RESERVED_COLUMNS, UNIT
@@ -373,6 +391,11 @@ def declared_columns(spec: SourceSpec) -> dict[str, pa.DataType]:
     return {c: ARROW_TYPES[k] for c, k in (spec.columns or {}).items()}
 
 
+def format_columns(spec: SourceSpec) -> dict[str, pa.DataType]:
+    """The columns a source's format adds (LLaVA's; none for JSONL and Parquet)."""
+    return dict(LLAVA_COLUMNS) if spec.format == "llava" else {}
+
+
 def read_unit(
     unit: Unit,
     spec: SourceSpec,
@@ -381,10 +404,11 @@ def read_unit(
 ) -> tuple[pa.Table, pa.Table, list[InputInfo]]:
     """Records, quarantined rows and input facts for one unit.
 
-    ``expected``: the extra columns every shard is cast to (default: the
-    declared ``columns``), so all units of a source share one schema.
+    ``expected``: the extra columns every shard is cast to (default: the format's
+    own columns and the declared ``columns``), so all units of a source share one schema.
     """
-    expected = declared_columns(spec) if expected is None else expected
+    if expected is None:
+        expected = {**format_columns(spec), **declared_columns(spec)}
     tables: list[pa.Table] = []
     rejects: list[pa.Table] = []
     inputs: list[InputInfo] = []
@@ -392,7 +416,7 @@ def read_unit(
         for shard in unit.shards:
             data = read_bytes(shard, opts)
             pending = hasher.submit(_sha256, data)  # hash while parsing
-            table, bad = _read_shard(unit, spec, shard, data, expected)
+            table, bad = _read_shard(unit, spec, shard, data, expected, opts)
             digest = pending.result()
             tables.append(table)
             rejects.append(bad)
@@ -409,10 +433,17 @@ def _sha256(data: bytes) -> str:
 
 
 def _read_shard(
-    unit: Unit, spec: SourceSpec, shard: Shard, data: bytes, expected: dict[str, pa.DataType]
+    unit: Unit,
+    spec: SourceSpec,
+    shard: Shard,
+    data: bytes,
+    expected: dict[str, pa.DataType],
+    opts: StorageOptions = LOCAL,
 ) -> tuple[pa.Table, pa.Table]:
     fmt = spec.format or infer_format(shard.path)
-    if fmt == "parquet":
+    if fmt == "llava":
+        table, bad = LlavaParser(unit.source, spec, opts).read(shard, data)
+    elif fmt == "parquet":
         table, bad = ParquetParser(unit.source, spec, expected).read(shard, data)
     elif fmt == "jsonl":
         table, bad = _jsonl_tables(unit.source, spec, shard, _decompress(shard, data))
@@ -420,7 +451,7 @@ def _read_shard(
         table, bad = WebDatasetParser(unit.source, spec, expected).read(shard, data)
     else:
         raise InputError(
-            f"{shard.uri}: unknown format; set 'format:' to jsonl, parquet or webdataset"
+            f"{shard.uri}: unknown format; set 'format:' to jsonl, parquet, webdataset or llava"
         )
     source = pa.array([unit.source] * table.num_rows, pa.string())
     table = table.add_column(2, "source", source)
@@ -648,3 +679,312 @@ class WebDatasetParser:
             return raw.decode("utf-8")
         except UnicodeDecodeError as exc:
             return "bad_utf8", f"{key}.{self.spec.caption}: invalid UTF-8 at byte {exc.start}"
+
+
+# --- LLaVA conversations ---------------------------------------------------------------
+
+
+class _Repeated(dict[str, Any]):
+    """A JSON object that gave some keys more than once (the last value won)."""
+
+    repeated: frozenset[str] = frozenset()
+
+
+def _note_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``object_pairs_hook``: a plain dict, or a :class:`_Repeated` naming repeated keys."""
+    obj = dict(pairs)
+    if len(obj) == len(pairs):
+        return obj
+    seen: set[str] = set()
+    repeated: set[str] = set()
+    for key, _ in pairs:
+        (repeated if key in seen else seen).add(key)
+    out = _Repeated(obj)
+    out.repeated = frozenset(repeated)
+    return out
+
+
+def _excerpt(value: Any) -> str:
+    """The first 200 characters of ``value`` as JSON, valid UTF-8 whatever it holds."""
+    text = json.dumps(value, ensure_ascii=False)[:200]
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _bytes_excerpt(raw: bytes) -> str:
+    return raw[:200].decode("utf-8", errors="backslashreplace")
+
+
+@dataclass
+class _Sample:
+    """A parsed sample, waiting for its image when ``target`` is set."""
+
+    row: int
+    record: dict[str, Any]
+    obj: Any
+    shown: str | None  # the raw line of a JSONL file (an element's excerpt is made on demand)
+    path: str = ""  # the image path as written
+    target: str | None = None  # where to read it
+    problem: tuple[str, str] | None = None  # what reading the image found
+
+    def excerpt(self) -> str:
+        return self.shown if self.shown is not None else _excerpt(self.obj)
+
+
+#: Reading an image fails with these errors because of the sample, not the machine.
+_MISSING = (errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG, errno.ELOOP)
+
+
+class LlavaParser:
+    """Reads LLaVA-style conversation files (see :mod:`curate.io.llava`) into rows.
+
+    Columns: ``id`` (``id_column``'s field, else derived as for JSONL), ``text``
+    (:func:`curate.conversations.render_text` of the turns), ``source``,
+    ``provenance`` (the file, and the 0-based element of a ``.json`` array or line of
+    a ``.jsonl`` file), ``conversations`` (``list<struct<role, content>>``),
+    ``image`` (the bytes; null for a text-only sample, and with ``load_images:
+    false`` for an image given by path; inline base64 bytes are kept either way),
+    ``image_url`` (the path as written; null for inline bytes), ``image_source``
+    (the sample's ``image_source``, else its ``data_source``, else the source's
+    name), then the declared ``columns``.
+
+    Quarantined, naming the file and element (or line): invalid UTF-8 or JSON (a
+    ``.json`` file that does not parse, or is not an array, is one rejected row for
+    the whole file, as a corrupt tar is: nothing in it can be trusted), a repeated
+    key, a lone surrogate, an element that is not an object, a malformed
+    conversation (the reasons of :class:`curate.conversations.ConversationError`),
+    a missing id, a bad declared column, ``multi_image`` (more than one image),
+    ``bad_image_ref`` (an ``image`` that is neither a path nor ``{"bytes": ...}``),
+    ``bad_image_bytes`` (not base64, or empty), ``unsafe_path`` (an image path that
+    is absolute, holds ``..``, or leads out of ``image_root`` through a symlink:
+    nothing outside the root is opened) and ``missing_image`` (no such file).
+
+    Image bytes are not decoded or even sniffed here: an undecodable image is
+    found by a later ``image_filter``.  Images are read through
+    :mod:`curate.io.storage` (so an ``s3://`` root works), 16 at a time.
+    """
+
+    def __init__(self, name: str, spec: SourceSpec, opts: StorageOptions = LOCAL) -> None:
+        self.name = name
+        self.spec = spec
+        self.opts = opts
+        self.columns = spec.columns or {}
+        self._read_keys = {
+            *SAMPLE_KEYS,
+            *([spec.id_column] if spec.id_column else []),
+            *self.columns,
+        }
+
+    def read(self, shard: Shard, data: bytes) -> tuple[pa.Table, pa.Table]:
+        kind = file_layout(shard.path)
+        if kind is None:
+            raise InputError(f"{shard.uri}: a llava source reads .json (one array) or .jsonl files")
+        data = _decompress(shard, data).removeprefix(BOM)
+        parsed = self._array(data) if kind == "array" else self._lines(data)
+        root = image_root(self.spec.image_root, self.spec.base_dir, shard.path)
+        real_root = None if storage.is_s3(root) else os.path.realpath(root)
+        escapes = b"\\u" in data
+        items: list[_Sample | tuple[int, str | None, Any, tuple[str, str]]] = []
+        for row, obj, shown in parsed:
+            found = (
+                obj
+                if isinstance(obj, tuple)
+                else self._sample(obj, shard.uri, row, shown, escapes, root, real_root)
+            )
+            items.append(found if isinstance(found, _Sample) else (row, shown, obj, found))
+        self._load_images([i for i in items if isinstance(i, _Sample) and i.target])
+        rows, rows_pos, rejects = [], [], []
+        for item in items:
+            if isinstance(item, _Sample):
+                if item.problem is None:
+                    rows.append(item.record)
+                    rows_pos.append(item.row)
+                    continue
+                row, problem, excerpt = item.row, item.problem, item.excerpt()
+            else:
+                row, shown, obj, problem = item
+                excerpt = shown if shown is not None else _excerpt(obj)
+            rejects.append(self._reject(shard.uri, kind, row, excerpt, problem))
+        schema = pa.schema(
+            [("id", pa.string()), ("text", pa.string()), *LLAVA_COLUMNS.items()]
+            + [(c, ARROW_TYPES[k]) for c, k in self.columns.items()]
+        )
+        table = pa.Table.from_pylist(rows, schema=schema)
+        table = table.append_column("provenance", _provenance(shard.uri, rows_pos))
+        return table, pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA)
+
+    def _array(self, data: bytes) -> list[tuple[int, Any, str | None]]:
+        """(element, object or (reason, detail), excerpt or None); element -1 stands for
+        the whole file."""
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            shown = _bytes_excerpt(data[max(0, exc.start - 100) : exc.start + 100])
+            return [(-1, ("bad_utf8", f"invalid UTF-8 at byte {exc.start}"), shown)]
+        try:
+            value = json.loads(text, object_pairs_hook=_note_repeats)
+        except json.JSONDecodeError as exc:
+            detail = f"{exc.msg} (line {exc.lineno} column {exc.colno})"
+            return [(-1, ("invalid_json", detail), text[max(0, exc.pos - 100) : exc.pos + 100])]
+        if not isinstance(value, list):
+            got = type(value).__name__
+            return [(-1, ("not_an_array", f"expected a JSON array, got {got}"), _excerpt(value))]
+        return [(row, obj, None) for row, obj in enumerate(value)]
+
+    def _lines(self, data: bytes) -> list[tuple[int, Any, str | None]]:
+        lines = data.split(b"\n")
+        if lines and lines[-1] == b"":
+            lines.pop()
+        out: list[tuple[int, Any, str | None]] = []
+        for row, raw in enumerate(lines):
+            shown = _bytes_excerpt(raw)
+            try:
+                line = raw.rstrip(b"\r").decode("utf-8")
+            except UnicodeDecodeError as exc:
+                out.append((row, ("bad_utf8", f"invalid UTF-8 at byte {exc.start}"), shown))
+                continue
+            if not line.strip():
+                out.append((row, ("blank_line", "empty line"), shown))
+                continue
+            try:
+                out.append((row, json.loads(line, object_pairs_hook=_note_repeats), shown))
+            except json.JSONDecodeError as exc:
+                out.append((row, ("invalid_json", f"{exc.msg} (column {exc.colno})"), shown))
+        return out
+
+    def _reject(
+        self, uri: str, kind: str, row: int, excerpt: str, problem: tuple[str, str]
+    ) -> dict[str, Any]:
+        """A quarantined sample (``row`` -1: the whole file, which counts as row 0)."""
+        if row < 0:
+            where, row = uri, 0
+        else:
+            where = f"{uri} line {row + 1}" if kind == "lines" else f"{uri} element {row}"
+        return {
+            "id": record_id(self.name, uri, row, excerpt),
+            "stage": self.name,
+            "reason": f"{problem[0]}:{where}: {problem[1]}",
+            "value": excerpt,
+            "provenance": {"uri": uri, "row": row},
+        }
+
+    def _sample(
+        self,
+        obj: Any,
+        uri: str,
+        row: int,
+        shown: str | None,
+        escapes: bool,
+        root: str,
+        real_root: str | None,
+    ) -> _Sample | tuple[str, str]:
+        if not isinstance(obj, dict):
+            return "not_an_object", f"expected a JSON object, got {type(obj).__name__}"
+        if isinstance(obj, _Repeated) and obj.repeated & self._read_keys:
+            return "invalid_json", f"duplicate key {min(obj.repeated & self._read_keys)!r}"
+        if escapes and not _encodable(obj):
+            return "bad_unicode", "a \\u escape encodes a lone UTF-16 surrogate"
+        ref = image_reference(obj.get("image"))
+        if ref is not None and ref[0] == "error":
+            reason, detail = ref[1]
+            return str(reason), str(detail)
+        turns = self._turns(obj, ref is not None)
+        if isinstance(turns, tuple):
+            return turns
+        text = render_text(turns)
+        record = self._fields(obj, uri, row, text + "\x00" + (ref[1] if ref is not None else ""))
+        if isinstance(record, tuple):
+            return record
+        record.update(text=text, conversations=turns, image=None, image_url=None)
+        sample = _Sample(row, record, obj, shown)
+        problem = None if ref is None else self._image(sample, ref, root, real_root)
+        return sample if problem is None else problem
+
+    def _fields(
+        self, obj: dict[str, Any], uri: str, row: int, payload: str
+    ) -> dict[str, Any] | tuple[str, str]:
+        """``id``, ``image_source`` and the declared columns of a sample."""
+        record: dict[str, Any] = {}
+        if self.spec.id_column is not None:
+            rid = obj.get(self.spec.id_column)
+            if rid is None or isinstance(rid, dict | list):
+                return "missing_id", f"no scalar {self.spec.id_column!r} field"
+            record["id"] = str(rid)
+        else:
+            record["id"] = record_id(self.name, uri, row, payload)
+        field = next((f for f in ("image_source", "data_source") if obj.get(f) is not None), None)
+        image_source = self.name if field is None else obj[field]
+        if not isinstance(image_source, str):
+            return "bad_column", f"{field!r}: expected a string, got {type(image_source).__name__}"
+        record["image_source"] = image_source
+        for column, kind in self.columns.items():
+            try:
+                record[column] = _cast(obj.get(column), kind)
+            except TypeError as exc:
+                return "bad_column", f"{column!r}: {exc}"
+        return record
+
+    def _image(
+        self, sample: _Sample, ref: tuple[str, Any], root: str, real_root: str | None
+    ) -> tuple[str, str] | None:
+        """Decode inline bytes into the record, or check the path and say where to read it."""
+        if ref[0] == "bytes":
+            try:
+                image = base64.b64decode(ref[1], validate=True)
+            except (binascii.Error, ValueError) as exc:
+                return "bad_image_bytes", f"not base64: {exc}"
+            if not image:
+                return "bad_image_bytes", "no bytes"
+            sample.record["image"] = image
+            return None
+        sample.record["image_url"] = sample.path = ref[1]
+        if not self.spec.load_images:
+            return unsafe_path(ref[1])  # the path's text alone: no file is touched
+        target = resolve_image(root, ref[1], real_root)
+        if isinstance(target, tuple):
+            return target
+        sample.target = target
+        return None
+
+    def _turns(
+        self, obj: dict[str, Any], has_image: bool
+    ) -> list[dict[str, str]] | tuple[str, str]:
+        if "conversations" not in obj:
+            return "bad_conversation", "no 'conversations' field"
+        raw = obj["conversations"]
+        for i, turn in enumerate(raw if isinstance(raw, list) else []):
+            if isinstance(turn, _Repeated) and turn.repeated & TURN_KEYS:
+                return "invalid_json", f"turn {i}: duplicate key {min(turn.repeated)!r}"
+        try:
+            return normalize(raw, has_image)
+        except ConversationError as exc:
+            return exc.reason, exc.detail
+
+    def _load_images(self, samples: list[_Sample]) -> None:
+        """Read every sample's image, in threads (S3 reads overlap); a missing file is the
+        sample's ``problem``."""
+        if not samples:
+            return
+        with ThreadPoolExecutor(max_workers=min(16, len(samples))) as pool:
+            loaded = list(pool.map(self._load_image, samples))
+        for sample, value in zip(samples, loaded, strict=True):
+            if isinstance(value, tuple):
+                sample.problem = value
+            else:
+                sample.record["image"] = value
+
+    def _load_image(self, sample: _Sample) -> bytes | tuple[str, str]:
+        assert sample.target is not None
+        shown = repr(sample.path[:200])
+        try:
+            local = not storage.is_s3(sample.target)
+            if local and not stat.S_ISREG(os.stat(sample.target).st_mode):
+                return "missing_image", f"{shown} under image_root is not a regular file"
+            return storage.read_bytes(sample.target, self.opts)
+        except FileNotFoundError:
+            return "missing_image", f"no file {shown} under image_root"
+        except PermissionError:
+            return "missing_image", f"{shown} under image_root: permission denied"
+        except OSError as exc:
+            if exc.errno in _MISSING:
+                return "missing_image", f"{shown} under image_root: {os.strerror(exc.errno)}"
+            raise InputError(f"{sample.target}: cannot read image: {exc}") from exc

@@ -1,5 +1,5 @@
-"""Sinks: a unit's kept rows, cut into Parquet shards or WebDataset tars of about
-``shard_bytes``.
+"""Sinks: a unit's kept rows, cut into Parquet shards, WebDataset tars or LLaVA JSON
+files of about ``shard_bytes``.
 
 Cut points come from a deterministic per-row size estimate (byte length of
 string and binary columns, 8 bytes for any other column), so the same rows
@@ -10,15 +10,20 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import re
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from curate.conversations import LLAVA_ROLES, to_llava
+from curate.io import storage
 from curate.io.files import WrittenFile, write_parquet_atomic
 from curate.io.layout import Layout
+from curate.io.llava import image_name, llava_json
 from curate.io.webdataset import json_member, safe_key, write_tar
 from curate.stage import POS, RESERVED_COLUMNS, UNIT
 
@@ -89,7 +94,14 @@ class SinkError(ValueError):
 
 
 _SAFE_EXT = re.compile(r"^[a-z0-9]{1,16}\Z")
-_MAGIC = ((b"\x89PNG", "png"), (b"\xff\xd8", "jpg"), (b"GIF8", "gif"), (b"BM", "bmp"))
+_MAGIC = (
+    (b"\x89PNG", "png"),
+    (b"\xff\xd8", "jpg"),
+    (b"GIF8", "gif"),
+    (b"BM", "bmp"),
+    (b"II*\x00", "tif"),
+    (b"MM\x00*", "tif"),
+)
 
 
 def _image_ext(payload: bytes) -> str:
@@ -154,14 +166,20 @@ def webdataset_cut(
     samples: list[list[tuple[str, bytes]]], shard_bytes: int, shard_samples: int | None
 ) -> list[tuple[int, int]]:
     """Sample ranges: a tar ends once it reaches ``shard_bytes`` or ``shard_samples``."""
+    sizes = [sum(512 + (len(p) + 511) // 512 * 512 for _, p in members) for members in samples]
+    return _ranges(sizes, shard_bytes, shard_samples)
+
+
+def _ranges(sizes: list[int], shard_bytes: int, shard_samples: int | None) -> list[tuple[int, int]]:
+    """Row ranges: a shard ends once it reaches ``shard_bytes`` or ``shard_samples``."""
     ranges, start, size = [], 0, 0
-    for i, members in enumerate(samples):
+    for i, n in enumerate(sizes):
         if i > start and (size >= shard_bytes or (shard_samples and i - start >= shard_samples)):
             ranges.append((start, i))
             start, size = i, 0
-        size += sum(512 + (len(p) + 511) // 512 * 512 for _, p in members)
-    if samples:
-        ranges.append((start, len(samples)))
+        size += n
+    if sizes:
+        ranges.append((start, len(sizes)))
     return ranges
 
 
@@ -201,3 +219,137 @@ def write_webdataset_sink(
         return written, None
     index = pa.concat_tables(index_parts)
     return written, write_parquet_atomic(index, layout.index(sink, unit), "zstd", layout.opts)
+
+
+#: The columns a llava sink writes whatever ``columns`` says (``image`` and ``image_url``
+#: both become the entry's ``image``).
+LLAVA_KEPT = ("id", "image", "image_url", "conversations", "image_source")
+
+
+def _column(table: pa.Table, name: str) -> list[Any]:
+    if name in table.column_names:
+        values: list[Any] = table.column(name).to_pylist()
+        return values
+    return [None] * table.num_rows
+
+
+def _llava_turns(turns: Any, rid: str, sink: str) -> list[dict[str, str]]:
+    if not turns:
+        raise SinkError(
+            f"sink {sink!r}: record {rid} has no conversation; a llava sink writes "
+            "conversation rows only (drop the others upstream)"
+        )
+    for i, turn in enumerate(turns):
+        if turn["role"] not in LLAVA_ROLES or not isinstance(turn["content"], str):
+            raise SinkError(
+                f"sink {sink!r}: record {rid}: turn {i} has role {turn['role']!r} and "
+                f"{type(turn['content']).__name__} content; expected a role of "
+                f"{', '.join(LLAVA_ROLES)} and a string"
+            )
+    return to_llava(turns)
+
+
+def llava_entries(
+    table: pa.Table, sink: str, folder: str, columns: list[str] | None
+) -> tuple[list[dict[str, Any]], list[tuple[str, bytes]]]:
+    """One LLaVA entry per row, keys in this order: ``id``, ``image`` (a written image's
+    path, else ``image_url`` as it was read; absent for text-only rows),
+    ``conversations`` (LLaVA's ``from``/``value`` turns), ``image_source`` (when set),
+    then the requested ``columns``; and the images to write, as (path under the sink,
+    bytes): ``<folder>/<name from the id>.<extension from the magic bytes>``."""
+    if "conversations" not in table.column_names:
+        raise SinkError(f"sink {sink!r}: its input has no 'conversations' column")
+    extras = [c for c in columns or [] if c not in LLAVA_KEPT]
+    absent = [c for c in extras if c not in table.column_names]
+    if absent:
+        raise SinkError(f"sink {sink!r}: its input has no column {absent[0]!r}")
+    ids = table.column("id").to_pylist()
+    turns = table.column("conversations").to_pylist()
+    images, urls = _column(table, "image"), _column(table, "image_url")
+    sources = _column(table, "image_source")
+    values = {c: table.column(c).to_pylist() for c in extras}
+    used: set[str] = set()
+    entries, files = [], []
+    for i, rid in enumerate(ids):
+        entry: dict[str, Any] = {"id": rid}
+        if images[i] is not None:
+            path = f"{folder}/{image_name(rid, used, i)}.{_image_ext(images[i])}"
+            files.append((path, images[i]))
+            entry["image"] = path
+        elif urls[i] is not None:
+            entry["image"] = urls[i]
+        entry["conversations"] = _llava_turns(turns[i], rid, sink)
+        if sources[i] is not None:
+            entry["image_source"] = sources[i]
+        for column in extras:
+            entry[column] = _jsonable(values[column][i])
+        entries.append(entry)
+    return entries, files
+
+
+def write_llava_sink(
+    table: pa.Table,
+    layout: Layout,
+    sink: str,
+    unit: int,
+    shard_bytes: int,
+    shard_samples: int | None,
+    columns: list[str] | None,
+) -> tuple[list[WrittenFile], dict[str, Any] | None]:
+    """LLaVA JSON files ``part-<unit>-<k>.json`` and the unit's images in
+    ``images/part-<unit>/``, referenced relative to the JSON files.
+
+    Images are written first, so a JSON file never names an image that is not
+    there.  Returns the JSON files (their rows are the unit's rows) and one
+    ``images`` report (none without images): the folder, how many files, their
+    bytes, a sha256 over the sorted ``name<TAB>size<TAB>sha256`` lines, and every
+    file with its size (what ``--resume`` checks).
+    """
+    entries, files = llava_entries(table, sink, f"images/part-{unit:06d}", columns)
+    if not entries:
+        return [], None
+    sizes = [len(json.dumps(e, ensure_ascii=False, default=str)) for e in entries]
+    if "image" in table.column_names:
+        lengths = pc.fill_null(pc.binary_length(table.column("image")), 0)
+        sizes = [a + b for a, b in zip(sizes, lengths.to_pylist(), strict=True)]
+    parts = []
+    for part, (start, stop) in enumerate(_ranges(sizes, shard_bytes, shard_samples)):
+        try:
+            data = llava_json(entries[start:stop])
+        except (TypeError, ValueError) as exc:
+            raise SinkError(
+                f"sink {sink!r}: rows {start}-{stop - 1} of unit {unit}: {exc}"
+            ) from None
+        parts.append((layout.shard(sink, unit, part, "json"), stop - start, data))
+    root = storage.join(layout.root, sink)
+
+    def write_image(item: tuple[str, bytes]) -> str:
+        layout.write(storage.join(root, *item[0].split("/")), item[1])
+        return hashlib.sha256(item[1]).hexdigest()
+
+    digests: list[str] = []
+    if files:
+        with ThreadPoolExecutor(max_workers=min(16, len(files))) as pool:  # overlap fsyncs
+            digests = list(pool.map(write_image, files))
+    written = []
+    for path, rows, data in parts:
+        layout.write(path, data)
+        written.append(WrittenFile(path, rows, len(data), hashlib.sha256(data).hexdigest()))
+    if not files:
+        return written, None
+    names = sorted(
+        (path.rsplit("/", 1)[1], len(data), digest)
+        for (path, data), digest in zip(files, digests, strict=True)
+    )
+    listing = "".join(f"{n}\t{size}\t{d}\n" for n, size, d in names).encode()
+    images = {
+        "kind": "images",
+        "sink": sink,
+        "unit": unit,
+        "path": storage.join(root, "images", f"part-{unit:06d}"),
+        "files": len(names),
+        "bytes": sum(size for _, size, _ in names),
+        "sha256": hashlib.sha256(listing).hexdigest(),
+        "members": [[n, size] for n, size, _ in names],
+    }
+    return written, images

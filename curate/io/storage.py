@@ -39,6 +39,11 @@ class StorageError(OSError):
     """A storage operation failed; the message names the URI and never a credential."""
 
 
+class MissingObjectError(StorageError, FileNotFoundError):
+    """The S3 object does not exist (``NoSuchKey``/404): a ``FileNotFoundError`` like a
+    missing local file."""
+
+
 @dataclass(frozen=True)
 class StorageOptions:
     """How to reach S3; picklable, travels with every task that touches storage."""
@@ -126,6 +131,8 @@ def client(opts: StorageOptions) -> Any:
 
 def _s3_error(uri: str, action: str, exc: Exception) -> StorageError:
     code = getattr(exc, "response", {}).get("Error", {}).get("Code", type(exc).__name__)
+    if code in ("NoSuchKey", "404", "NotFound"):
+        return MissingObjectError(f"{uri}: cannot {action} ({code})")
     return StorageError(f"{uri}: cannot {action} ({code})")
 
 

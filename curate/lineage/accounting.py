@@ -41,6 +41,8 @@ class StageReport:
     reasons: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     kind: str = "stage"
+    #: Rows a generator made from its ``kept`` seeds (None: the stage passes ``kept`` on).
+    rows_out: int | None = None
 
     def check(self) -> StageReport:
         if self.rows_in != self.kept + self.dropped or sum(self.reasons.values()) != self.dropped:
@@ -70,6 +72,7 @@ def stage_report(
     seconds: float,
     rejects_file: dict[str, Any] | None,
     details: bool = False,
+    rows_out: int | None = None,
 ) -> dict[str, Any]:
     """Check and describe what ``stage`` did to ``unit``; reasons are counted by
     category, or in full when ``details`` (the stage's rule names are a fixed set)."""
@@ -83,6 +86,7 @@ def stage_report(
         rejects.num_rows,
         dict(sorted(reasons.items())),
         seconds,
+        rows_out=rows_out,
     )
     return {**asdict(report.check()), "rejects_file": rejects_file}
 

@@ -38,6 +38,8 @@ def files_of(reports: list[dict[str, Any]]) -> list[tuple[str, int]]:
     for r in reports:
         if r["kind"] in ("output", "work", "index"):
             out.append((r["path"], int(r["bytes"])))
+        elif r["kind"] == "images":  # a llava sink's images: a folder of files
+            out.extend((storage.join(r["path"], name), int(size)) for name, size in r["members"])
         elif r.get("rejects_file"):
             out.append((r["rejects_file"]["path"], int(r["rejects_file"]["bytes"])))
     return out

@@ -86,6 +86,8 @@ def stage_table(
             t[key] += r[key]
         for reason, n in r["reasons"].items():
             t["reasons"][reason] += n
+        if r.get("rows_out") is not None:
+            t["rows_out"] = t.get("rows_out", 0) + r["rows_out"]
         for counter, n in r.get("counters", {}).items():
             t.setdefault("counters", defaultdict(int))[counter] += n
     rows = []
@@ -105,6 +107,8 @@ def stage_table(
         }
         if row["rows_in"] != row["kept"] + row["dropped"]:
             raise AccountingError(f"stage {name!r}: counts do not balance: {row}")
+        if kind == "generator":
+            row["rows_out"] = t.get("rows_out", 0)
         if t.get("counters"):
             row["counters"] = dict(sorted(t["counters"].items()))
         if summaries and name in summaries:
@@ -117,7 +121,7 @@ def _check_flow(
     plan: Plan, stages: list[dict[str, Any]], outputs: dict[str, list[dict[str, Any]]]
 ) -> None:
     """Each stage gets exactly what its inputs kept; each sink holds what its input kept."""
-    kept = {s["name"]: s["kept"] for s in stages}
+    kept = {s["name"]: s.get("rows_out", s["kept"]) for s in stages}
     for name, bound in plan.pipeline.stages.items():
         expected = sum(kept[p] for p in bound.inputs)
         got = next(s["rows_in"] for s in stages if s["name"] == name)
@@ -159,6 +163,18 @@ def build_manifest(
         ),
         key=lambda r: r["path"],
     )
+    images = sorted(
+        (
+            {
+                "sink": r["sink"],
+                "path": layout.relative(r["path"]),
+                **{k: r[k] for k in ("files", "bytes", "sha256")},
+            }
+            for r in reports
+            if r["kind"] == "images"
+        ),
+        key=lambda r: r["path"],
+    )
     rejects = sorted(
         (
             {**r["rejects_file"], "path": layout.relative(r["rejects_file"]["path"])}
@@ -190,9 +206,20 @@ def build_manifest(
         "stages": stages,
         "outputs": outputs,
         "indexes": indexes,
+        "images": images,
         "rejects": {"rows": sum(f["rows"] for f in rejects), "files": rejects},
         "run": run_info,
     }
+
+
+def stage_run_counters(reports: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
+    """Per stage, the run-dependent counters (requests, cache hits...) summed over units."""
+    out: dict[str, dict[str, int]] = {}
+    for r in reports:
+        for name, n in r.get("run_counters", {}).items():
+            stage = out.setdefault(r["stage"], {})
+            stage[name] = stage.get(name, 0) + n
+    return {k: dict(sorted(v.items())) for k, v in sorted(out.items())}
 
 
 def stage_seconds(reports: list[dict[str, Any]]) -> dict[str, float]:

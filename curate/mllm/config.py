@@ -160,17 +160,21 @@ class BackendStage(Stage):
 
         if isinstance(self.backend, CachedBackend):
             self.backend.cache.flush()
-        self.count("requests", len(requests))
-        self.count("cached_answers", sum(a.cached for a in answers))
-        self.count("failed_requests", sum(a.error is not None for a in answers))
-        self.count("prompt_tokens", sum(a.prompt_tokens for a in answers))
-        self.count("completion_tokens", sum(a.completion_tokens for a in answers))
+        traffic: Counter[str] = self.__dict__.setdefault("_traffic", Counter())
+        traffic["requests"] += len(requests)
+        traffic["cached_answers"] += sum(a.cached for a in answers)
+        traffic["failed_requests"] += sum(a.error is not None for a in answers)
+        traffic["prompt_tokens"] += sum(a.prompt_tokens for a in answers)
+        traffic["completion_tokens"] += sum(a.completion_tokens for a in answers)
         return answers
 
     def count(self, name: str, n: int = 1) -> None:
-        """Add ``n`` to the counter ``name`` (see :meth:`Stage.counters`)."""
+        """Add ``n`` to the data counter ``name`` (see :meth:`Stage.counters`)."""
         counts: Counter[str] = self.__dict__.setdefault("_counts", Counter())
         counts[name] += n
 
     def counters(self) -> Mapping[str, int]:
         return dict(self.__dict__.get("_counts", {}))
+
+    def run_counters(self) -> Mapping[str, int]:
+        return dict(self.__dict__.get("_traffic", {}))
