@@ -48,12 +48,13 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 
+from curate.stages.capability_score import CapabilityScore, CapabilityScoreConfig  # noqa: E402
+
 from curate.conversations import CONVERSATION_TYPE, normalize  # noqa: E402
 from curate.mllm.local import TransformersBackend  # noqa: E402
 from curate.mllm.serve import serve  # noqa: E402
 from curate.mllm.tiny import build_tiny_vlm  # noqa: E402
 from curate.stage import StageContext  # noqa: E402
-from curate.stages.capability_score import CapabilityScore, CapabilityScoreConfig  # noqa: E402
 
 DATA = REPO / "pipelines" / "data" / "demo_llava"
 
@@ -98,7 +99,8 @@ def report(name: str, seconds: float, n: int, traffic: dict[str, int], base: flo
     tokens = traffic.get("prompt_tokens", 0) + traffic.get("completion_tokens", 0)
     ratio = f"{base / seconds:5.2f}x" if base else "  1.00x"
     print(
-        f"{name:<26} {seconds:8.2f} s  {n / seconds:8.2f} samples/s  {requests / seconds:8.1f} req/s"
+        f"{name:<26} {seconds:8.2f} s  {n / seconds:8.2f} samples/s"
+        f"  {requests / seconds:8.1f} req/s"
         f"  {requests:>6} req  {traffic.get('prompt_tokens', 0):>9} prompt tok"
         f"  {traffic.get('completion_tokens', 0):>7} out tok  {tokens / seconds:9.0f} tok/s"
         f"  {ratio}"

@@ -29,6 +29,23 @@ SetOption = Annotated[
 ]
 
 
+def _original(exc: BaseException, kinds: tuple[type[BaseException], ...]) -> BaseException | None:
+    """The first exception of ``kinds`` in ``exc``'s chain of causes (Ray's ``cause``,
+    ``__cause__``, ``__context__``), as it was raised; None when there is none."""
+    seen: set[int] = set()
+    todo: list[BaseException] = [exc]
+    while todo:
+        e = todo.pop(0)
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        nested = [getattr(e, "cause", None), e.__cause__, e.__context__]
+        if isinstance(e, kinds) and not any(isinstance(n, kinds) for n in nested):
+            return e
+        todo.extend(n for n in nested if isinstance(n, BaseException))
+    return None
+
+
 def _report(exc: ConfigError) -> None:
     err.print(f"[bold red]{len(exc.issues)} problem(s) found:[/]")
     for issue in exc.issues:
@@ -91,11 +108,16 @@ def run(
     except (OutputExistsError, ResourceError, ResumeError) as exc:
         err.print(f"[bold red]error:[/] {exc}", highlight=False)
         raise typer.Exit(1) from None
-    except (InputError, AccountingError, SinkError, StorageError) as exc:
-        # Ray re-raises worker errors as RayTaskError(<our class>): show the original.
-        cause = getattr(exc, "cause", None) or exc
+    except Exception as exc:
+        # Ray re-raises a worker's error wrapped (RayTaskError, Ray Data's
+        # UserCodeException): show ours as it is, anything else with its traceback.
+        cause = _original(exc, (InputError, AccountingError, SinkError, StorageError))
+        if cause is None:
+            raise
         err.print("[bold red]error:[/]", end=" ")
-        err.print(str(cause), highlight=False, markup=False)
+        # Ray Data appends its retry advice to the message; the advice is not ours.
+        message = str(cause).split("\nFailed to apply UDF transform", 1)[0]
+        err.print(message, highlight=False, markup=False)
         err.print(
             "the output folder holds a partial run; fix the cause and rerun with --resume "
             "(or --overwrite to start again)"

@@ -531,13 +531,22 @@ class StageGroup:
         # module before unpickling), so stages travel as plain data and are rebuilt here.
         load_plugins(plugins)
         self.stages = [(ref.name, ref.build(seed, layout), ref.batch_size) for ref in stages]
-        for _, stage, _ in self.stages:
-            stage.setup()
         self.layout = layout
         self.targets = targets
         self.segment = segment
+        #: A stage's setup error (a bad model or eval file), raised by the first call:
+        #: Ray reports a failed actor constructor as a bare ActorDiedError, a failed
+        #: call as the original exception, which the CLI can show as it is.
+        self.setup_error: Exception | None = None
+        try:
+            for _, stage, _ in self.stages:
+                stage.setup()
+        except Exception as exc:
+            self.setup_error = exc
 
     def __call__(self, block: pa.Table) -> pa.Table:
+        if self.setup_error is not None:
+            raise self.setup_error
         live, unit, reports = split_trailer(block)
         for name, stage, batch_size in self.stages:
             if live.num_rows == 0:
@@ -624,7 +633,11 @@ class Runner:
 
     def run(self) -> None:
         self.check_resources()
-        ray.data.DataContext.get_current().target_max_block_size = None
+        context = ray.data.DataContext.get_current()
+        context.target_max_block_size = None
+        # A stage's own error (a bad eval file, a broken row the stage cannot take)
+        # reaches the driver as itself, not as Ray Data's UserCodeException.
+        context.raise_original_map_exception = True
         self._reuse_cached()
         needed = self._needed_segments()
         for segment in self.plan.segments:

@@ -358,6 +358,12 @@ def test_score_then_select_on_ray(
         run(str(spec), output=str(tmp_path / out))
         manifests.append(json.loads((tmp_path / out / "manifest.json").read_text()))
     assert user_files(tmp_path / "a") == user_files(tmp_path / "b")
+    # again over the first run: --overwrite keeps _state, so every answer is cached
+    before = user_files(tmp_path / "a")
+    again = run(str(spec), output=str(tmp_path / "a"), overwrite=True).manifest
+    traffic = again["run"]["stage_counters"]["score"]
+    assert traffic["cached_answers"] == traffic["requests"] == 40 * 4
+    assert user_files(tmp_path / "a") == before
     m = manifests[0]
     stages = {s["name"]: s for s in m["stages"]}
     # questions 1 (ocr 7), 2 (unknown style) and 4 (stem '4.') are rejected: 20 of 40 remain

@@ -374,3 +374,32 @@ def test_pipeline_run_counts_reasons_and_fingerprints_eval_files(
         (1, "contaminated:gsm8k", " ".join(LONG_WORDS[:13])),
         (4, "contaminated:lambada", normalize(pa.array([SHORT])).to_pylist()[0]),
     ]
+
+
+def test_cli_shows_a_bad_eval_file_as_one_error_line(tmp_path: Path) -> None:
+    """A stage's setup error (here: an eval file that is not JSON) reaches the user as
+    its own message, not as Ray's ActorDiedError or UserCodeException traceback."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "docs.jsonl").write_text('{"text": "one small document"}\n')
+    (tmp_path / "ev.jsonl").write_text('{"question": "fine"}\n{broken\n')
+    (tmp_path / "p.yaml").write_text(
+        "name: bad\nsources:\n  d: {uri: docs.jsonl}\nstages:\n  dc:\n"
+        "    type: decontaminate\n"
+        "    eval_sets: {ev: {path: ev.jsonl, format: jsonl, fields: [question]}}\n"
+        "sinks:\n  out: {input: dc}\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "curate.cli", "run", str(tmp_path / "p.yaml"),
+         "--output", str(tmp_path / "out"), "--num-cpus", "1"],
+        check=False, capture_output=True, text=True, timeout=600, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    # Ray Data logs the failed task itself; curate's own last words are the error
+    tail = proc.stderr.strip().splitlines()[-2:]
+    assert tail[0].startswith("error: eval set 'ev': ev.jsonl line 2: invalid JSON")
+    assert tail[1].startswith("the output folder holds a partial run")
+    assert "ActorDiedError" not in proc.stderr and "UserCodeException" not in proc.stderr
