@@ -48,7 +48,7 @@ from pydantic import Field, field_validator, model_validator
 from curate.mllm import mmssr
 from curate.mllm.backend import Answer, Request
 from curate.mllm.config import BackendStage, BackendStageConfig, answer_error
-from curate.stage import Filter, Requirement, StageConfig, Verdict, set_column
+from curate.stage import Filter, StageConfig, Verdict, set_column
 
 STAGE = "capability_score"
 
@@ -95,10 +95,6 @@ class CapabilityScore(BackendStage, Filter):
 
     Config: ClassVar[type[StageConfig]] = CapabilityScoreConfig
     config: CapabilityScoreConfig
-    requires = (Requirement("requests", "requests"),)
-    reason_details: ClassVar[bool] = True
-    # Off: a cached stage entry would freeze backend_error rows (see mllm_score).
-    cache_default: ClassVar[bool] = False
 
     def reads(self) -> Sequence[str]:
         return ("conversations", "image")

@@ -53,7 +53,7 @@ from pydantic import Field, model_validator
 from curate.conversations import CONVERSATION_TYPE, IMAGE_TOKEN, render_text
 from curate.mllm.backend import Answer, Request
 from curate.mllm.config import BackendStage, BackendStageConfig, answer_error
-from curate.stage import Generated, Generator, Requirement, StageConfig, set_column
+from curate.stage import Generated, Generator, StageConfig, set_column
 from curate.synth import ipt
 
 STAGE = "instruction_synth"
@@ -143,9 +143,6 @@ class InstructionSynth(BackendStage, Generator):
 
     Config: ClassVar[type[StageConfig]] = InstructionSynthConfig
     config: InstructionSynthConfig
-    requires = (Requirement("requests", "requests"),)
-    reason_details: ClassVar[bool] = True
-    cache_default: ClassVar[bool] = False
 
     def reads(self) -> Sequence[str]:
         cfg = self.config

@@ -36,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from curate.mllm.backend import Request
 from curate.mllm.config import BackendStage, BackendStageConfig, answer_error
-from curate.stage import Filter, Requirement, StageConfig, Verdict, set_column
+from curate.stage import Filter, StageConfig, Verdict, set_column
 
 STAGE = "judge_score"
 GENIXER = (
@@ -93,9 +93,6 @@ class JudgeScore(BackendStage, Filter):
 
     Config: ClassVar[type[StageConfig]] = JudgeScoreConfig
     config: JudgeScoreConfig
-    requires = (Requirement("requests", "requests"),)
-    reason_details: ClassVar[bool] = True
-    cache_default: ClassVar[bool] = False
 
     def reads(self) -> Sequence[str]:
         return (self.config.question_column, self.config.answer_column)

@@ -46,7 +46,6 @@ from curate.mllm.backend import Answer, Request
 from curate.mllm.config import BackendStage, BackendStageConfig, answer_error
 from curate.stage import (
     Filter,
-    Requirement,
     StageConfig,
     Verdict,
     set_column,
@@ -85,11 +84,6 @@ class MllmScore(BackendStage, Filter):
 
     Config: ClassVar[type[StageConfig]] = MllmScoreConfig
     config: MllmScoreConfig
-    requires = (Requirement("requests", "requests"),)
-    reason_details: ClassVar[bool] = True
-    # Off: a cached stage entry would freeze backend_error rows; the request cache
-    # already spares every answer a second ask.
-    cache_default: ClassVar[bool] = False
 
     def reads(self) -> Sequence[str]:
         return ("image", self.context.text_column)

@@ -22,7 +22,7 @@ from pydantic import Field
 
 from curate.io import storage
 from curate.mllm.backend import Answer, Backend, Request
-from curate.stage import Resources, Stage, StageConfig
+from curate.stage import Requirement, Resources, Stage, StageConfig
 
 
 class OpenAIBackendConfig(StageConfig):
@@ -126,6 +126,12 @@ class BackendStage(Stage):
 
     config: Any
     backend: Backend | None = None
+    requires = (Requirement("requests", "requests"),)
+    #: Reasons name a question and a parse failure from fixed sets: counted in full.
+    reason_details: ClassVar[bool] = True
+    #: Off: a cached stage entry would freeze backend_error rows, and the request cache
+    #: already spares every answer a second ask.
+    cache_default: ClassVar[bool] = False
     #: Whether requests are regex-constrained (for the HTTP client's guided mode).
     guided_decoding: ClassVar[bool] = False
 
