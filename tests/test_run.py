@@ -82,7 +82,7 @@ def test_counts_balance_and_lineage_is_complete(project: Path, tmp_path: Path) -
     rejects = pq.read_table(tmp_path / "out" / "rejects")
     assert out.num_rows == stages["dedup"]["kept"]
     assert rejects.num_rows == sum(s["dropped"] for s in m["stages"]) == m["rejects"]["rows"]
-    assert rejects.column_names == ["id", "stage", "reason", "value", "provenance"]
+    assert rejects.column_names == ["id", "stage", "reason", "value", "provenance", "scores"]
     # Every input row is either in the output or in the rejects, exactly once.
     seen = {(r["uri"], r["row"]) for r in out.column("provenance").to_pylist()}
     dropped = {(r["uri"], r["row"]) for r in rejects.column("provenance").to_pylist()}

@@ -70,6 +70,10 @@ REJECT_SCHEMA = pa.schema(
         ("reason", pa.string()),
         ("value", pa.string()),
         ("provenance", PROVENANCE),
+        # The row's numeric columns when it was dropped (scores of the stages it passed,
+        # lengths): what `curate explain` and the drop-reason histograms read.  Null for
+        # rows quarantined by a reader, which have no columns yet.
+        ("scores", pa.map_(pa.string(), pa.float64())),
     ]
 )
 
@@ -330,6 +334,7 @@ class ParquetParser:
                 "reason": pa.array(reason[bad], pa.string()),
                 "value": pa.nulls(len(ids), pa.string()),
                 "provenance": prov.filter(pa.array(bad)),
+                "scores": pa.nulls(len(ids), REJECT_SCHEMA.field("scores").type),
             },
             schema=REJECT_SCHEMA,
         )
@@ -465,6 +470,25 @@ def _provenance(uri: str, rows: list[int] | np.ndarray[Any, Any]) -> pa.StructAr
     )
 
 
+def _tables(
+    uri: str,
+    rows: list[dict[str, Any]],
+    rows_pos: list[int],
+    rejects: list[dict[str, Any]],
+    columns: dict[str, pa.DataType],
+    declared: dict[str, ColumnType],
+) -> tuple[pa.Table, pa.Table]:
+    """A shard's records (``id``, ``text``, the format's ``columns``, the declared
+    extras, ``provenance``) and its quarantined rows, as tables."""
+    schema = pa.schema(
+        [("id", pa.string()), ("text", pa.string()), *columns.items()]
+        + [(c, ARROW_TYPES[k]) for c, k in declared.items()]
+    )
+    table = pa.Table.from_pylist(rows, schema=schema)
+    table = table.append_column("provenance", _provenance(uri, rows_pos))
+    return table, pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA)
+
+
 def _jsonl_tables(
     name: str, spec: SourceSpec, shard: Shard, data: bytes
 ) -> tuple[pa.Table, pa.Table]:
@@ -585,13 +609,7 @@ class WebDatasetParser:
         if scan.damage is not None:
             member, reason, detail = scan.damage
             rejects.append(self._reject(shard.uri, member, "", reason, detail))
-        schema = pa.schema(
-            [("id", pa.string()), ("text", pa.string()), *WEBDATASET_COLUMNS.items()]
-            + [(c, ARROW_TYPES[k]) for c, k in self.fields.items()]
-        )
-        table = pa.Table.from_pylist(rows, schema=schema)
-        table = table.append_column("provenance", _provenance(shard.uri, rows_pos))
-        return table, pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA)
+        return _tables(shard.uri, rows, rows_pos, rejects, WEBDATASET_COLUMNS, self.fields)
 
     def _reject(self, uri: str, member: int, key: str, reason: str, detail: str) -> dict[str, Any]:
         where = f"{uri} member {member}" + (f" (key {key!r})" if key else "")
@@ -804,13 +822,7 @@ class LlavaParser:
                 row, shown, obj, problem = item
                 excerpt = shown if shown is not None else _excerpt(obj)
             rejects.append(self._reject(shard.uri, kind, row, excerpt, problem))
-        schema = pa.schema(
-            [("id", pa.string()), ("text", pa.string()), *LLAVA_COLUMNS.items()]
-            + [(c, ARROW_TYPES[k]) for c, k in self.columns.items()]
-        )
-        table = pa.Table.from_pylist(rows, schema=schema)
-        table = table.append_column("provenance", _provenance(shard.uri, rows_pos))
-        return table, pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA)
+        return _tables(shard.uri, rows, rows_pos, rejects, LLAVA_COLUMNS, self.columns)
 
     def _array(self, data: bytes) -> list[tuple[int, Any, str | None]]:
         """(element, object or (reason, detail), excerpt or None); element -1 stands for

@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 from curate.io.files import write_parquet_atomic
 from curate.io.readers import REJECT_SCHEMA
 from curate.io.storage import LOCAL, StorageOptions
-from curate.stage import reason_category
+from curate.stage import POS, UNIT, reason_category
 
 REPORTS_KEY = b"curate.reports"
 
@@ -91,10 +91,43 @@ def stage_report(
     return {**asdict(report.check()), "rejects_file": rejects_file}
 
 
+def numeric_scores(table: pa.Table) -> pa.Array:
+    """Each row's numeric columns (integers and floats, not the internal ones) as a
+    ``map<string, float64>``; NaN and null values are left out of a row's map."""
+    names = [
+        f.name
+        for f in table.schema
+        if (pa.types.is_integer(f.type) or pa.types.is_floating(f.type))
+        and f.name not in (UNIT, POS)
+    ]
+    n, k = table.num_rows, len(names)
+    kind = pa.map_(pa.string(), pa.float64())
+    if not k or not n:
+        return pa.nulls(n, kind)
+    values = np.column_stack(
+        [
+            np.asarray(
+                pc.cast(table.column(c), pa.float64()).to_numpy(zero_copy_only=False), np.float64
+            )
+            for c in names
+        ]
+    )
+    present = ~np.isnan(values)
+    offsets = np.concatenate([[0], np.cumsum(present.sum(axis=1))]).astype(np.int32)
+    keys = np.tile(np.array(names, dtype=object), n).reshape(n, k)[present]
+    return pa.MapArray.from_arrays(
+        pa.array(offsets, pa.int32()),
+        pa.array(keys.tolist(), pa.string()),
+        pa.array(values[present], pa.float64()),
+        type=kind,
+    )
+
+
 def build_rejects(
     stage: str, dropped: pa.Table, reason: pa.Array, value: pa.Array | None
 ) -> pa.Table:
-    """Rejects rows (``id, stage, reason, value, provenance``) for the dropped rows."""
+    """Rejects rows (``id, stage, reason, value, provenance, scores``) for the dropped
+    rows."""
     n = dropped.num_rows
     if reason.null_count:
         raise AccountingError(f"stage {stage!r} dropped {reason.null_count} rows without a reason")
@@ -106,6 +139,7 @@ def build_rejects(
             "reason": pc.cast(reason, pa.string()),
             "value": pc.cast(values, pa.string()),
             "provenance": dropped.column("provenance"),
+            "scores": numeric_scores(dropped),
         },
         schema=REJECT_SCHEMA,
     )
