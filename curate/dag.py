@@ -35,7 +35,7 @@ from curate.io.webdataset import WEBDATASET_COLUMNS
 from curate.models import ModelError, ModelFile
 from curate.models import resolve as resolve_model
 from curate.registry import get_stage_class
-from curate.stage import POS, RESERVED_COLUMNS, UNIT, Stage, StageContext
+from curate.stage import POS, RESERVED_COLUMNS, UNIT, Reshuffle, Stage, StageContext
 
 
 @dataclass(frozen=True)
@@ -75,6 +75,9 @@ class Plan:
     input_columns: dict[str, dict[str, pa.DataType]] = field(default_factory=dict)
     #: Resolved model files by (stage, role).
     models: dict[tuple[str, str], ModelFile] = field(default_factory=dict)
+    #: Reshuffling global stages (mixtures): their output units are new, written by
+    #: the stage itself, and read by their consumers like a source's.
+    reshuffled: set[str] = field(default_factory=set)
 
 
 def instantiate(bound: BoundStage, seed: int, base_dir: str = ".") -> Stage:
@@ -336,6 +339,15 @@ def _check_unions(
                 seen.setdefault(source, parent)
 
 
+def _bind_inputs(plan: Plan, issues: list[Issue], line: Callable[[Loc, str], Issue]) -> None:
+    """Tell every stage which sources reach each of its inputs; report its problems."""
+    pipeline = plan.pipeline
+    for name, bound in pipeline.stages.items():
+        sources = {p: sorted(_sources_of(pipeline, p)) for p in bound.inputs}
+        for problem in plan.stages[name].bind_inputs(sources):
+            issues.append(line(("stages", name), problem))
+
+
 def _check_sinks(plan: Plan, issues: list[Issue], line: Callable[[Loc, str], Issue]) -> None:
     """A llava sink writes conversations: its input must have them, and the columns it
     is asked to add."""
@@ -420,6 +432,7 @@ def build_plan(pipeline: Pipeline) -> Plan:
     _check_unused(pipeline, issues, line)
     order = _topo_order(pipeline, issues, line)
     _check_unions(pipeline, issues, line)
+    _bind_inputs(plan, issues, line)
     _check_columns(plan, order, issues, line)
     _check_sinks(plan, issues, line)
     _check_dependencies(plan, issues, line)
@@ -446,19 +459,30 @@ def _cut_segments(plan: Plan, order: list[str]) -> None:
             )
         )
 
-    plan.materialized = {n for n in users if users[n] and must_materialize(n)}
+    plan.reshuffled = {n for n in order if isinstance(plan.stages[n], Reshuffle)}
+    plan.materialized = {
+        n for n in users if users[n] and must_materialize(n) and n not in plan.reshuffled
+    }
+    stored = plan.materialized | plan.reshuffled
     starts: list[tuple[tuple[str, ...], str | None, str | None]] = [
         ((s,), None, None) for s in pipeline.spec.sources if users[s]
     ]
     for name in order:
         bound = pipeline.stages[name]
-        if plan.stages[name].kind == "global":
+        if name in plan.reshuffled:
+            if _sinks_of(users, name):  # its own units go straight to its sinks
+                starts.append(((name,), None, None))
+        elif plan.stages[name].kind == "global":
             starts.append((bound.inputs, name, None))
-        elif len(bound.inputs) > 1 or bound.inputs[0] in plan.materialized:
+        elif len(bound.inputs) > 1 or bound.inputs[0] in stored:
             starts.append((bound.inputs, None, name))
     rank = {n: i for i, n in enumerate([*pipeline.spec.sources, *order])}
     starts.sort(key=lambda s: rank[s[1] or s[2] or s[0][0]])
     for inputs, apply, first in starts:
+        if inputs[0] in plan.reshuffled and first is None:
+            sinks = tuple(("sink", s) for s in _sinks_of(users, inputs[0]))
+            plan.segments.append(Segment(len(plan.segments), inputs, None, (), sinks))
+            continue
         plan.segments.extend(_segments_from(plan, users, inputs, apply, first, len(plan.segments)))
 
 

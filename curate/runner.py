@@ -40,7 +40,7 @@ from curate.io import storage
 from curate.io.files import Unit, WrittenFile, plan_units, write_parquet_atomic
 from curate.io.layout import Layout
 from curate.io.readers import REJECT_SCHEMA, read_unit
-from curate.io.sink import write_sink, write_webdataset_sink
+from curate.io.sink import write_llava_sink, write_sink, write_webdataset_sink
 from curate.io.storage import LOCAL
 from curate.lineage.accounting import (
     AccountingError,
@@ -64,11 +64,12 @@ from curate.lineage.commits import (
     commit_global,
     committed_units,
     global_done,
+    global_reports,
     global_summary,
     write_commit,
 )
 from curate.registry import get_stage_class, load_plugins, plugin_locations
-from curate.shuffle import group_starts, hash_shuffle
+from curate.shuffle import concat, group_starts, hash_shuffle, split
 from curate.stage import (
     DECISION_SCHEMA,
     POS,
@@ -79,6 +80,7 @@ from curate.stage import (
     Filter,
     Generator,
     GlobalStage,
+    Reshuffle,
     Resources,
     Stage,
     StageContext,
@@ -439,8 +441,9 @@ def write_targets(
             continue
         assert target.sink is not None
         sink = target.sink
-        if sink.format == "webdataset":
-            files, index = write_webdataset_sink(
+        if sink.format in ("webdataset", "llava"):
+            writer = write_webdataset_sink if sink.format == "webdataset" else write_llava_sink
+            files, extra = writer(
                 block,
                 layout,
                 target.name,
@@ -449,22 +452,10 @@ def write_targets(
                 sink.shard_samples,
                 sink.columns,
             )
-            if index is not None:
-                reports.append(_file_report("index", target.name, unit, index))
-        elif sink.format == "llava":
-            from curate.io.sink import write_llava_sink
-
-            files, images = write_llava_sink(
-                block,
-                layout,
-                target.name,
-                unit,
-                target.shard_bytes,
-                sink.shard_samples,
-                sink.columns,
-            )
-            if images is not None:  # the images are files, not rows: a report of their own
-                reports.append(images)
+            if isinstance(extra, WrittenFile):  # a WebDataset sink's key index
+                reports.append(_file_report("index", target.name, unit, extra))
+            elif extra is not None:  # a llava sink's images: files, not rows
+                reports.append(extra)
         else:
             files = write_sink(
                 block, layout, target.name, unit, target.shard_bytes, sink.compression, sink.columns
@@ -576,6 +567,7 @@ class Runner:
         self.cache_dir = cache_dir or storage.join(root, "_cache")
         #: Cached nodes: their key and their entry in the stage cache.
         self.units = self._plan_units()
+        self._plan_reshuffled_units()
         layout = {
             name: [[u.index, [s.uri for s in u.shards]] for u in units]
             for name, units in self.units.items()
@@ -605,6 +597,36 @@ class Runner:
             )
             first += len(units[name])
         return units
+
+    def _plan_reshuffled_units(self) -> None:
+        """Units of every reshuffling stage's output, numbered after the sources' (and
+        earlier reshufflers') units, in pipeline order."""
+        first = sum(len(u) for u in self.units.values())
+        rank = {n: i for i, n in enumerate(self.plan.pipeline.stages)}
+        for name in sorted(self.plan.reshuffled, key=lambda n: rank[n]):
+            for parent in self._reshuffled_ancestors(name):
+                first = self._plan_reshuffle(parent, first)
+            first = self._plan_reshuffle(name, first)
+
+    def _reshuffled_ancestors(self, name: str) -> list[str]:
+        found: list[str] = []
+        for parent in self.plan.pipeline.stages[name].inputs:
+            if parent in self.plan.pipeline.stages:
+                found.extend(self._reshuffled_ancestors(parent))
+                if parent in self.plan.reshuffled:
+                    found.append(parent)
+        return found
+
+    def _plan_reshuffle(self, name: str, first: int) -> int:
+        if name in self.units:
+            return first
+        stage = self.plan.stages[name]
+        assert isinstance(stage, Reshuffle)
+        inputs = self.plan.pipeline.stages[name].inputs
+        n_in = len({u.index for p in inputs for u in self.node_units(p)})
+        n_out = stage.output_units(n_in)
+        self.units[name] = [Unit(first + k, name, ()) for k in range(n_out)]
+        return first + n_out
 
     def node_units(self, node: str) -> list[Unit]:
         if node in self.units:
@@ -643,6 +665,9 @@ class Runner:
         for segment in self.plan.segments:
             if segment.index not in needed:
                 continue
+            for node in segment.inputs:
+                if node in self.plan.reshuffled:
+                    self._run_reshuffle(node)
             if segment.apply is not None:
                 self._run_global(segment.apply)
             self._run_segment(segment)
@@ -686,6 +711,9 @@ class Runner:
                 continue
             needed.add(segment.index)
             demand.update(segment.inputs)
+            for node in segment.inputs:
+                if node in self.plan.reshuffled:
+                    demand.update(self.plan.pipeline.stages[node].inputs)
             if segment.apply is not None:
                 demand.update(self.plan.pipeline.stages[segment.apply].inputs)
         return needed
@@ -745,7 +773,8 @@ class Runner:
         stage = self.plan.stages[name]
         assert isinstance(stage, GlobalStage)
         fills = stage.fills()
-        return tuple((c, kind, fills.get(c, Fill())) for c, kind in stage.writes().items())
+        columns = stage.decision_columns().items()
+        return tuple((c, kind, fills.get(c, Fill())) for c, kind in columns)
 
     def _targets(self, segment: Segment) -> list[Target]:
         out = []
@@ -864,10 +893,45 @@ class Runner:
             if kind == "materialize":
                 self.plan.materialized_done.add(name)
 
-    def _run_global(self, name: str) -> None:
+    def _run_reshuffle(self, name: str) -> None:
+        """Decide (the stage's plan), then expand and shuffle its kept rows into its
+        own units; commit both at once, with the stage's reports (for --resume)."""
+        if name in self.plan.materialized_done:
+            return
+        work = [u.index for u in self.units[name]]
+        if self.resume and global_done(self.layout, name, work):
+            self.global_summaries[name] = global_summary(self.layout, name)
+            self.reports.extend(global_reports(self.layout, name))
+            self.plan.materialized_done.add(name)
+            return
+        start = time.perf_counter()
+        units = self._run_global(name, commit=False)
+        stage = self.plan.stages[name]
+        assert isinstance(stage, Reshuffle)
+        inputs = self.plan.pipeline.stages[name].inputs
+        reads = self._reads(Segment(-1, inputs, name, (), ()))
+        reports = reshuffle(
+            reads,
+            StageRef.of(
+                self.plan.pipeline.stages[name], str(Path(self.plan.pipeline.base_dir).resolve())
+            ),
+            self.plan.pipeline.spec.seed,
+            self.layout,
+            self.units[name],
+            self.plan.columns[name],
+            plugin_locations(self.plan.pipeline.spec.plugins),
+        )
+        self.reports.extend(reports)
+        commit_global(self.layout, name, units, stage.summary, reports, work)
+        self.global_seconds[name] = time.perf_counter() - start
+        self.plan.materialized_done.add(name)
+
+    def _run_global(self, name: str, commit: bool = True) -> list[int]:
+        """Write a global stage's decisions (committed unless ``commit`` is false);
+        returns the units they name."""
         if self.resume and global_done(self.layout, name):
             self.global_summaries[name] = global_summary(self.layout, name)
-            return
+            return []
         start = time.perf_counter()
         stage = self.plan.stages[name]
         assert isinstance(stage, GlobalStage)
@@ -882,8 +946,9 @@ class Runner:
         if not reads:  # every unit is empty: nothing to decide
             self.global_seconds[name] = time.perf_counter() - start
             self.global_summaries[name] = {}
-            commit_global(self.layout, name, [])
-            return
+            if commit:
+                commit_global(self.layout, name, [])
+            return []
         # Ray turns an empty block into a schemaless one, which its shuffles reject,
         # so units without rows are left out of the key dataset (they need no decision).
         decisions = stage.plan(self._dataset(reads))
@@ -891,10 +956,12 @@ class Runner:
         units = write_decisions(
             decisions.to_arrow_refs(), name, decision_schema(stage), self.layout, writers
         )
-        commit_global(self.layout, name, units, stage.summary)
+        if commit:
+            commit_global(self.layout, name, units, stage.summary)
         self.global_summaries[name] = stage.summary
         self.global_phases[name] = stage.timings
         self.global_seconds[name] = time.perf_counter() - start
+        return units
 
 
 def _num_rows(layout: Layout, path: str) -> int:
@@ -929,6 +996,81 @@ def _write_unit_decisions(
         )
         out.append(unit)
     return out
+
+
+SHUFFLE_KEY = "_shuffle_key"
+
+
+def reshuffle(
+    reads: list[UnitRead],
+    ref: StageRef,
+    seed: int,
+    layout: Layout,
+    out_units: list[Unit],
+    columns: dict[str, pa.DataType],
+    plugins: list[tuple[str, str | None]],
+) -> list[dict[str, Any]]:
+    """A reshuffling stage's output: every input unit's kept rows (its decisions
+    applied, rejects written) repeated by their copies and scattered by shuffle key
+    over ``out_units``; each output unit sorted by key and written to the work folder.
+    Returns the stage's per-unit reports and the work files' reports."""
+    n = len(out_units)
+    scattered: list[Any] = [
+        _scatter_copies.options(num_returns=n + 1).remote(r, ref, seed, layout, n, plugins)
+        for r in reads
+    ]
+    pieces = [[s[p] for s in scattered] for p in range(n)]
+    written = [
+        _gather_unit.remote(layout, ref.name, unit.index, columns, *pieces[p])
+        for p, unit in enumerate(out_units)
+    ]
+    reports = [r for s in ray.get([s[n] for s in scattered]) for r in s]
+    return reports + list(ray.get(written))
+
+
+@ray.remote
+def _scatter_copies(
+    read: UnitRead,
+    ref: StageRef,
+    seed: int,
+    layout: Layout,
+    n: int,
+    plugins: list[tuple[str, str | None]],
+) -> tuple[Any, ...]:
+    load_plugins(plugins)
+    stage = ref.build(seed, layout)
+    assert isinstance(stage, Reshuffle)
+    block = load_unit(read, layout)
+    live, _, reports = split_trailer(block)
+    copies = live.column(stage.copies_column).to_numpy(zero_copy_only=False).astype(np.int64)
+    take = np.repeat(np.arange(live.num_rows), copies)
+    starts = np.repeat(np.cumsum(copies) - copies, copies)
+    copy = (np.arange(len(take)) - starts).astype(np.int32)
+    rows = live.take(pa.array(take, pa.int64())).drop_columns([stage.copies_column])
+    rows = set_column(rows, stage.copy_column, pa.array(copy, pa.int32()))
+    key = stage.shuffle_key(rows.column("id").to_pylist(), copy)
+    rows = rows.append_column(SHUFFLE_KEY, pa.array(key, pa.uint64()))
+    for report in reports:
+        if report.get("stage") == ref.name and report.get("kind") == "stage":
+            report["rows_out"] = len(take)
+    parts = split(rows, (key % np.uint64(n)).astype(np.int64), n)
+    return (*parts, reports)
+
+
+@ray.remote
+def _gather_unit(
+    layout: Layout, name: str, unit: int, columns: dict[str, pa.DataType], *pieces: pa.Table
+) -> dict[str, Any]:
+    rows = concat(pieces)
+    if rows.num_rows:
+        rows = rows.sort_by([(SHUFFLE_KEY, "ascending"), ("id", "ascending")])
+    n = rows.num_rows
+    rows = rows.drop_columns([c for c in (SHUFFLE_KEY, UNIT, POS) if c in rows.column_names])
+    rows = rows.append_column(UNIT, pa.array(np.full(n, unit, np.int64)))
+    rows = rows.append_column(POS, pa.array(np.arange(n, dtype=np.int64)))
+    table = conform(rows, columns)
+    f = write_parquet_atomic(table, layout.work(name, unit), "zstd", layout.opts)
+    return _file_report("work", name, unit, f)
 
 
 def _gpu_args(gpus: float) -> dict[str, Any]:

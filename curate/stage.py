@@ -140,6 +140,11 @@ class Stage(ABC):
         """Default resources for this config (``default_resources`` unless overridden)."""
         return cls.default_resources
 
+    def bind_inputs(self, sources: Mapping[str, Sequence[str]]) -> list[str]:
+        """Told, at check time, the sources whose rows reach each of its inputs; returns
+        problems with them (a stage whose meaning depends on its inputs, a mixture)."""
+        return []
+
     def setup(self) -> None:  # noqa: B027 - optional hook, empty by design
         """Load heavy state (models, tables); called once per actor."""
 
@@ -282,10 +287,40 @@ class GlobalStage(Stage):
         """How each column of :meth:`writes` is filled for rows without a decision."""
         return {}
 
+    def decision_columns(self) -> Mapping[str, pa.DataType]:
+        """The columns of its decisions besides :data:`DECISION_SCHEMA` (its writes)."""
+        return self.writes()
+
+
+class Reshuffle(GlobalStage):
+    """A global stage whose output is new units: kept rows are repeated and moved
+    across units (a mixture).
+
+    Its decisions name every input row, with the number of copies it gets in the
+    ``<prefix>copies`` column (0 for a dropped row, which also has a reason).
+    The runner expands the copies (:meth:`expand`), sorts the output rows by
+    :meth:`shuffle_key` and cuts them into :meth:`output_units` units, which the
+    stages after it read as they read a source's units.
+    """
+
+    #: The decisions column holding each row's number of copies.
+    copies_column: ClassVar[str] = "mix_copies"
+    #: The output column numbering a record's copies (0, 1, ...).
+    copy_column: ClassVar[str] = "mix_copy"
+
+    def output_units(self, input_units: int) -> int:
+        """How many units the output is cut into, given the inputs' count."""
+        return max(1, input_units)
+
+    @abstractmethod
+    def shuffle_key(self, ids: list[str], copies: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+        """A uint64 key per output row (record id, copy number): where it goes."""
+
 
 def decision_schema(stage: Stage) -> pa.Schema:
-    """:data:`DECISION_SCHEMA` plus the columns the stage writes."""
-    return pa.schema([*DECISION_SCHEMA, *(pa.field(c, t) for c, t in stage.writes().items())])
+    """:data:`DECISION_SCHEMA` plus the columns of the stage's decisions."""
+    columns = stage.decision_columns() if isinstance(stage, GlobalStage) else stage.writes()
+    return pa.schema([*DECISION_SCHEMA, *(pa.field(c, t) for c, t in columns.items())])
 
 
 def set_column(batch: pa.Table, name: str, array: pa.Array | pa.ChunkedArray) -> pa.Table:

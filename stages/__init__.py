@@ -30,4 +30,5 @@ BUILTIN_STAGES: dict[str, str] = {
     "decontaminate": "curate.stages.decontaminate:Decontaminate",
     "instruction_synth": "curate.stages.instruction_synth:InstructionSynth",
     "judge_score": "curate.stages.judge_score:JudgeScore",
+    "mix": "curate.stages.mix:Mix",
 }

@@ -94,14 +94,17 @@ def write_identity(layout: Layout, identity: dict[str, Any]) -> None:
     layout.write(layout.run_state(), json.dumps(identity, sort_keys=True, indent=1).encode())
 
 
-def global_done(layout: Layout, stage: str) -> bool:
+def global_done(layout: Layout, stage: str, work_units: list[int] | None = None) -> bool:
     """Whether ``stage`` committed its decisions and every decisions file it listed is
-    still there (a missing file would read as "drop nothing")."""
+    still there (a missing file would read as "drop nothing"), and for a reshuffling
+    stage every unit of its output (``work_units``)."""
     path = layout.global_commit(stage)
     if not layout.exists(path):
         return False
     units = json.loads(layout.read(path))["units"]
-    return all(layout.exists(layout.decisions(stage, int(u))) for u in units)
+    if not all(layout.exists(layout.decisions(stage, int(u))) for u in units):
+        return False
+    return all(layout.exists(layout.work(stage, u)) for u in work_units or [])
 
 
 def global_summary(layout: Layout, stage: str) -> dict[str, Any]:
@@ -112,8 +115,24 @@ def global_summary(layout: Layout, stage: str) -> dict[str, Any]:
     return summary
 
 
+def global_reports(layout: Layout, stage: str) -> list[dict[str, Any]]:
+    """The per-unit reports a committed reshuffling stage made (for a resumed run)."""
+    reports: list[dict[str, Any]] = json.loads(layout.read(layout.global_commit(stage))).get(
+        "reports", []
+    )
+    return reports
+
+
 def commit_global(
-    layout: Layout, stage: str, units: list[int], summary: dict[str, Any] | None = None
+    layout: Layout,
+    stage: str,
+    units: list[int],
+    summary: dict[str, Any] | None = None,
+    reports: list[dict[str, Any]] | None = None,
+    work_units: list[int] | None = None,
 ) -> None:
-    body = {"stage": stage, "units": units, "summary": summary or {}}
+    body: dict[str, Any] = {"stage": stage, "units": units, "summary": summary or {}}
+    if reports is not None:
+        body["reports"] = reports
+        body["work_units"] = work_units or []
     layout.write(layout.global_commit(stage), json.dumps(body, sort_keys=True).encode())

@@ -107,7 +107,7 @@ def stage_table(
         }
         if row["rows_in"] != row["kept"] + row["dropped"]:
             raise AccountingError(f"stage {name!r}: counts do not balance: {row}")
-        if kind == "generator":
+        if kind == "generator" or "rows_out" in t:
             row["rows_out"] = t.get("rows_out", 0)
         if t.get("counters"):
             row["counters"] = dict(sorted(t["counters"].items()))
@@ -141,7 +141,10 @@ def build_manifest(
     reports: list[dict[str, Any]],
     run_info: dict[str, Any],
     summaries: dict[str, dict[str, Any]] | None = None,
+    index: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """The manifest; ``index`` is what the run's id index recorded
+    (:func:`curate.lineage.explain.build_index`), kept under ``index``."""
     inputs = sorted(
         (
             {k: r[k] for k in ("source", "uri", "bytes", "sha256", "records")}
@@ -208,6 +211,7 @@ def build_manifest(
         "indexes": indexes,
         "images": images,
         "rejects": {"rows": sum(f["rows"] for f in rejects), "files": rejects},
+        "index": index,
         "run": run_info,
     }
 
