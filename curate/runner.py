@@ -68,6 +68,7 @@ from curate.lineage.commits import (
     global_summary,
     write_commit,
 )
+from curate.progress import Listener, Progress
 from curate.registry import get_stage_class, load_plugins, plugin_locations
 from curate.shuffle import concat, group_starts, hash_shuffle, split
 from curate.stage import (
@@ -558,7 +559,12 @@ class Runner:
     """Executes a :class:`Plan` into an output folder on the current Ray cluster."""
 
     def __init__(
-        self, plan: Plan, output: str, resume: bool = False, cache_dir: str | None = None
+        self,
+        plan: Plan,
+        output: str,
+        resume: bool = False,
+        cache_dir: str | None = None,
+        listener: Listener | None = None,
     ) -> None:
         self.plan = plan
         self.execution: ExecutionSpec = plan.pipeline.spec.execution
@@ -580,6 +586,7 @@ class Runner:
         entries = {n: entry_root(self.cache_dir, n, k) for n, k in self.cached.items()}
         self.layout = Layout(root, opts, entries)
         self.resume = resume
+        self.progress = Progress(root, opts, listener)
         self.reports: list[dict[str, Any]] = []
         self.imported: list[dict[str, Any]] = []
         self.reused: list[str] = []
@@ -662,17 +669,25 @@ class Runner:
         context.raise_original_map_exception = True
         self._reuse_cached()
         needed = self._needed_segments()
-        for segment in self.plan.segments:
-            if segment.index not in needed:
-                continue
-            for node in segment.inputs:
-                if node in self.plan.reshuffled:
-                    self._run_reshuffle(node)
-            if segment.apply is not None:
-                self._run_global(segment.apply)
-            self._run_segment(segment)
-            self._save_cached(segment)
+        self.progress.plan(len(needed))
+        try:
+            for segment in self.plan.segments:
+                if segment.index in needed:
+                    self._run_needed(segment)
+        except BaseException:
+            self.progress.finish(ok=False)
+            raise
         self.reports = self._all_reports()
+        self.progress.finish()
+
+    def _run_needed(self, segment: Segment) -> None:
+        for node in segment.inputs:
+            if node in self.plan.reshuffled:
+                self._run_reshuffle(node)
+        if segment.apply is not None:
+            self._run_global(segment.apply)
+        self._run_segment(segment)
+        self._save_cached(segment)
 
     def _all_reports(self) -> list[dict[str, Any]]:
         """This run's reports and the imported ones, each (stage, unit) once."""
@@ -826,13 +841,16 @@ class Runner:
 
     def _run_segment(self, segment: Segment) -> None:
         reads = self._reads(segment)
+        self.progress.begin_pass(segment.index, list(segment.stages), len(reads))
         if self.resume:
             done = committed_units(self.layout, segment.index, self._existing_sizes())
             for unit in sorted(done):
                 self.reports.extend(done[unit])
+                self.progress.add(done[unit])
             reads = [r for r in reads if r.unit.index not in done]
         if not reads:
             self._mark_done(segment)
+            self.progress.end_pass()
             return
         groups = self._groups(segment)
         ds = self._dataset(reads)
@@ -855,9 +873,14 @@ class Runner:
                 batch_format="pyarrow",
                 zero_copy_batch=True,
             )
-        for row in ds.take_all():
-            self.reports.extend(json.loads(row["reports"]))
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            finished: pa.Table = batch  # one row per finished unit
+            for reports in finished.column("reports").to_pylist():
+                unit_reports = json.loads(reports)
+                self.reports.extend(unit_reports)
+                self.progress.add(unit_reports)
         self._mark_done(segment)
+        self.progress.end_pass()
 
     def _map_group(
         self,
@@ -902,10 +925,12 @@ class Runner:
         if self.resume and global_done(self.layout, name, work):
             self.global_summaries[name] = global_summary(self.layout, name)
             self.reports.extend(global_reports(self.layout, name))
+            self.progress.add(global_reports(self.layout, name), unit_done=False)
             self.plan.materialized_done.add(name)
             return
         start = time.perf_counter()
         units = self._run_global(name, commit=False)
+        self.progress.global_stage(name, "expanding and shuffling")
         stage = self.plan.stages[name]
         assert isinstance(stage, Reshuffle)
         inputs = self.plan.pipeline.stages[name].inputs
@@ -922,6 +947,7 @@ class Runner:
             plugin_locations(self.plan.pipeline.spec.plugins),
         )
         self.reports.extend(reports)
+        self.progress.add(reports, unit_done=False)
         commit_global(self.layout, name, units, stage.summary, reports, work)
         self.global_seconds[name] = time.perf_counter() - start
         self.plan.materialized_done.add(name)
@@ -933,6 +959,7 @@ class Runner:
             self.global_summaries[name] = global_summary(self.layout, name)
             return []
         start = time.perf_counter()
+        self.progress.global_stage(name, "deciding")
         stage = self.plan.stages[name]
         assert isinstance(stage, GlobalStage)
         stage.setup()
