@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.curate-installed
 
 .PHONY: setup demo test check lint types pytest bench lock clean text-quality image-text-clip image-text-mlm \
-	mmssr instruction-synth
+	mmssr instruction-synth mix
 
 setup: $(STAMP)
 
@@ -19,7 +19,7 @@ $(STAMP): requirements/lock.txt requirements/nodeps.txt pyproject.toml
 demo: setup
 	$(BIN)/curate run pipelines/demo_text.yaml --output out/demo_text --overwrite
 	$(BIN)/curate run pipelines/demo_image_text.yaml --output out/demo_image_text --overwrite
-	$(MAKE) --no-print-directory image-text-clip image-text-mlm mmssr instruction-synth
+	$(MAKE) --no-print-directory image-text-clip image-text-mlm mmssr instruction-synth mix
 
 # DataComp-style CLIP filtering of the bundled pairs, with a self-built tiny CLIP checkpoint.
 CLIP_CKPT := pipelines/models/curate-tiny-clip.pt
@@ -39,6 +39,10 @@ image-text-mlm: setup $(TINY_VLM)
 # mmSSR capability scoring and 30 % selection of LLaVA-format data (tiny MLLM as above).
 mmssr: setup $(TINY_VLM)
 	$(BIN)/curate run pipelines/recipes/mmssr_select.yaml --output out/mmssr_select --overwrite
+
+# SlimPajama's token shares of seven components under a token budget (bundled stand-ins).
+mix: setup
+	$(BIN)/curate run pipelines/recipes/slimpajama_mix.yaml --output out/slimpajama_mix --overwrite
 
 # Synthetic instructions from documents and images, deduplicated, judged, decontaminated.
 instruction-synth: setup $(TINY_VLM)

@@ -307,3 +307,21 @@ def test_mix_feeds_later_stages(corpus: Path, tmp_path: Path) -> None:
         pq.read_table(tmp_path / "chain" / f["path"]) for f in m["outputs"]["out"]
     )
     assert min(short["n_words"].to_pylist()) >= 20
+
+
+def test_slimpajama_recipe_hits_its_token_shares(tmp_path: Path) -> None:
+    from conftest import REPO
+
+    recipe = REPO / "pipelines" / "recipes" / "slimpajama_mix.yaml"
+    m = run(str(recipe), str(tmp_path / "sp"), ["stages.mix.shards=2"]).manifest
+    summary = _mix_row(m)["summary"]
+    assert summary["tokenizer"]["sha256"] == CL100K_SHA256
+    for name, c in summary["components"].items():
+        cap = c["max_epochs"] * c["available_tokens"]
+        assert c["unmet"] is None, name  # the bundled stand-ins are large enough
+        assert c["target_tokens"] <= cap
+        # met within the size of one document of the component (at most 2,600 here)
+        assert abs(c["tokens"] - c["target_tokens"]) <= 2600, name
+    assert summary["components"]["book"]["repetition"] > 1  # repeated, under its cap of 4
+    assert summary["components"]["common_crawl"]["repetition"] < 1  # sampled
+    assert sum(f["rows"] for f in m["outputs"]["mixture"]) == _mix_row(m)["rows_out"]
