@@ -19,7 +19,7 @@ bin where the goal is crossed, and only that bin's rows are sorted.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -153,13 +153,14 @@ def weighted_cut(
 
 
 def in_prefix(
-    hashes: Array, ids: list[str], bins: Array, cut_bin: int, cut: tuple[int, str] | None
-) -> Array:
+    hashes: Array, ids: Sequence[str] | Array, bins: Array, cut_bin: int,
+    cut: tuple[int, str] | None,
+) -> Array:  # fmt: skip
     """Whether each row is in the sampled prefix: a bin before the crossing one, or in
     it at or before the cut."""
     inside = bins < cut_bin
     if cut is not None:
         same = np.flatnonzero(bins == cut_bin)
-        for i in same:
-            inside[i] = (int(hashes[i]), ids[i]) <= cut
+        for i in same.tolist():
+            inside[i] = (int(hashes[i]), str(ids[i])) <= cut
     return np.asarray(inside, bool)

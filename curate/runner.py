@@ -935,6 +935,7 @@ class Runner:
         assert isinstance(stage, Reshuffle)
         inputs = self.plan.pipeline.stages[name].inputs
         reads = self._reads(Segment(-1, inputs, name, (), ()))
+        shuffled = time.perf_counter()
         reports = reshuffle(
             reads,
             StageRef.of(
@@ -946,6 +947,7 @@ class Runner:
             self.plan.columns[name],
             plugin_locations(self.plan.pipeline.spec.plugins),
         )
+        self.global_phases.setdefault(name, {})["reshuffle"] = time.perf_counter() - shuffled
         self.reports.extend(reports)
         self.progress.add(reports, unit_done=False)
         commit_global(self.layout, name, units, stage.summary, reports, work)

@@ -31,6 +31,7 @@ rows and tokens, the repetition factor and why a target was not met.
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, Literal
 
@@ -154,12 +155,14 @@ class Mix(Reshuffle):
             by_source=self._source_component(),
             base_dir=self.context.base_dir,
         )
+        t0 = time.perf_counter()
         measured = keys.map_batches(
             measure,
             batch_format="pyarrow",
             batch_size=None,
             zero_copy_batch=True,
         ).materialize()
+        self.timings["measure"] = time.perf_counter() - t0
         available = _totals(measured, list(cfg.components))
         weights = {c: cfg.components[c].weight for c in cfg.components}
         epochs = {c: cfg.components[c].max_epochs for c in cfg.components}
@@ -167,7 +170,10 @@ class Mix(Reshuffle):
         goals, unit = mixing.goals(
             weights, epochs, available, budget, cfg.budget_unit, cfg.weights_unit
         )
+        t1 = time.perf_counter()
         cuts = _cuts(measured, goals, unit)
+        self.timings["totals_and_cut"] = time.perf_counter() - t1
+        t2 = time.perf_counter()
         decided: ray.data.Dataset = measured.map_batches(
             _decide,
             fn_kwargs={"plan": _plan_args(goals, cuts, unit)},
@@ -176,6 +182,7 @@ class Mix(Reshuffle):
             zero_copy_batch=True,
         ).materialize()
         self.summary = _summary(cfg, goals, unit, decided, self.tokenizer_info())
+        self.timings["decide"] = time.perf_counter() - t2
         return decided
 
     def tokenizer_info(self) -> dict[str, Any]:
@@ -287,11 +294,17 @@ def _block_histogram(table: pa.Table, components: list[str], unit: str) -> pa.Ta
     return pa.concat_tables(parts)
 
 
+def _is(column: pa.ChunkedArray | pa.Array, value: str) -> Array:
+    """Where ``column`` equals ``value`` (null: no), as a numpy mask."""
+    return np.asarray(pc.fill_null(pc.equal(column, value), False).to_numpy(zero_copy_only=False))
+
+
 def _block_bin_rows(table: pa.Table, crossing: dict[str, int]) -> pa.Table:
     """The rows of each component's crossing bin (about 1/65536 of the component)."""
     bins = mixing.bins_of(table.column("hash").to_numpy())
-    component = table.column("component").to_pylist()
-    mask = np.array([crossing.get(c or "", -2) == b for c, b in zip(component, bins, strict=True)])
+    mask = np.zeros(table.num_rows, bool)
+    for c, b in crossing.items():
+        mask |= _is(table.column("component"), c) & (bins == b)
     return table.filter(pa.array(mask, pa.bool_())).select(["component", "id", "hash", "n_tokens"])
 
 
@@ -339,27 +352,23 @@ def _plan_args(
 def _decide(block: pa.Table, plan: dict[str, Any]) -> pa.Table:
     """Copies of every row, or the reason it is dropped."""
     n = block.num_rows
-    component = block.column("component").to_pylist()
     hashes = block.column("hash").to_numpy()
-    ids = block.column("id").to_pylist()
+    ids = np.array(block.column("id").to_pylist(), dtype=object)
     bins = mixing.bins_of(hashes)
     copies = np.zeros(n, np.int32)
-    reason: list[str | None] = [NOT_A_COMPONENT] * n
+    reason = np.full(n, NOT_A_COMPONENT, dtype=object)
     for c, p in plan.items():
-        rows = np.flatnonzero(np.array([x == c for x in component], bool))
+        rows = np.flatnonzero(_is(block.column("component"), c))
         if not len(rows):
             continue
-        cut = tuple(p["cut"]) if p["cut"] is not None else None
-        extra = mixing.in_prefix(
-            hashes[rows],
-            [ids[i] for i in rows],
-            bins[rows],
-            p["bin"],
-            cut,
-        )
-        copies[rows] = 0 if p["zero"] else p["epochs"] + extra.astype(np.int32)
-        for i in rows:
-            reason[i] = None if copies[i] else (ZERO_WEIGHT if p["zero"] else NOT_SAMPLED)
+        if p["zero"]:
+            reason[rows] = ZERO_WEIGHT
+            continue
+        cut = (int(p["cut"][0]), str(p["cut"][1])) if p["cut"] is not None else None
+        extra = mixing.in_prefix(hashes[rows], ids[rows], bins[rows], p["bin"], cut)
+        copies[rows] = p["epochs"] + extra.astype(np.int32)
+        reason[rows] = NOT_SAMPLED
+        reason[rows[copies[rows] > 0]] = None
     return pa.table(
         {
             UNIT: block.column(UNIT),

@@ -26,11 +26,14 @@ def ray_local() -> Iterator[None]:
 
 def user_files(root: Path) -> dict[str, bytes]:
     """Every file a user reads in a run's output (shards, rejects, indexes), and the
-    manifest without its ``run`` key: what must be byte-identical between runs."""
+    manifest without its ``run`` key: what must be byte-identical between runs
+    (``_progress.json``, like the manifest's ``run``, holds timings)."""
     out = {}
     for path in sorted(root.rglob("*")):
         rel = path.relative_to(root).as_posix()
-        if not path.is_file() or rel.startswith(("_commits/", "_work/", "_cache/", "_state/", ".")):
+        if not path.is_file() or rel.startswith(
+            ("_commits/", "_work/", "_cache/", "_state/", "_progress.json", ".")
+        ):
             continue
         data = path.read_bytes()
         if rel == "manifest.json":
