@@ -233,3 +233,12 @@ def test_an_endpoint_url_with_credentials_is_refused_without_echoing_them(
             load_pipeline(str(path))
         assert "topsecret" not in str(info.value)
         assert "storage.s3.endpoint_url" in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["stats", "rejects", "_work", ".hidden", "a/b"])
+def test_sink_names_that_are_curate_folders_are_refused(
+    pipeline_file: Callable[[str], Path], name: str
+) -> None:
+    text = GOOD.replace("  out: {input: length}", f"  '{name}': {{input: length}}")
+    with pytest.raises(ConfigError, match=f"sink name '{name}'"):
+        load_pipeline(pipeline_file(text))
