@@ -411,6 +411,17 @@ def _achieved(decided: ray.data.Dataset) -> dict[str, tuple[int, int, int]]:
     return {c: (v[0], v[1], v[2]) for c, v in out.items()}
 
 
+def _coarse(g: Goal, achieved: int, unit: str) -> str | None:
+    """Why a sampled component ended far from its goal: its documents are large
+    against it (the cut is made at a document boundary)."""
+    if g.goal <= 0 or abs(achieved - g.goal) <= 0.25 * g.goal:
+        return None
+    return (
+        f"goal {g.goal:,.0f} {unit}, got {achieved:,}: the cut falls between whole "
+        f"documents, and this component's documents are large against its goal"
+    )
+
+
 def _summary(
     cfg: MixConfig, goals: dict[str, Goal], unit: str, decided: ray.data.Dataset,
     tokenizer: dict[str, Any],
@@ -437,7 +448,7 @@ def _summary(
             "share_tokens": round(t / tokens, 6) if tokens else 0.0,
             "share_rows": round(r / rows, 6) if rows else 0.0,
             "repetition": round((t if unit == "tokens" else r) / have, 6) if have else 0.0,
-            "unmet": g.unmet,
+            "unmet": g.unmet or _coarse(g, t if unit == "tokens" else r, unit),
         }
     return {
         "unit": unit,

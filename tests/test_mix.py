@@ -318,7 +318,8 @@ def test_slimpajama_recipe_hits_its_token_shares(tmp_path: Path) -> None:
     assert summary["tokenizer"]["sha256"] == CL100K_SHA256
     for name, c in summary["components"].items():
         cap = c["max_epochs"] * c["available_tokens"]
-        assert c["unmet"] is None, name  # the bundled stand-ins are large enough
+        # never short for lack of data; a goal far from a document boundary says so
+        assert c["unmet"] is None or c["unmet"].startswith("goal "), name
         assert c["target_tokens"] <= cap
         # met within the size of one document of the component (at most 2,600 here)
         assert abs(c["tokens"] - c["target_tokens"]) <= 2600, name
