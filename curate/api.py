@@ -14,13 +14,16 @@ from curate.dag import Plan, build_plan
 from curate.io import storage
 from curate.io.storage import LOCAL, StorageOptions
 from curate.lineage import commits
+from curate.lineage.explain import build_index
 from curate.lineage.manifest import (
     build_manifest,
     stage_run_counters,
     stage_seconds,
     write_manifest,
 )
+from curate.progress import Listener
 from curate.runner import Runner, cluster_resources, node_resources, ray_version
+from curate.stats import RunStats, write_run_stats
 
 
 @dataclass(frozen=True)
@@ -129,10 +132,12 @@ def run(
     num_cpus: int | None = None,
     overwrite: bool = False,
     resume: bool = False,
+    listener: Listener | None = None,
 ) -> RunResult:
-    """Check, then run a pipeline file end to end; write shards, rejects and the manifest."""
+    """Check, then run a pipeline file end to end; write shards, rejects and the manifest.
+    ``listener`` receives the run's progress as it goes (see :mod:`curate.progress`)."""
     plan = check(path, overrides)
-    return run_plan(plan, output, address, num_cpus, overwrite, resume)
+    return run_plan(plan, output, address, num_cpus, overwrite, resume, listener)
 
 
 def run_plan(
@@ -142,6 +147,7 @@ def run_plan(
     num_cpus: int | None = None,
     overwrite: bool = False,
     resume: bool = False,
+    listener: Listener | None = None,
 ) -> RunResult:
     """Run a checked plan into ``output`` (see :func:`output_dir`).
 
@@ -152,7 +158,7 @@ def run_plan(
     opts = plan.pipeline.spec.storage.options()
     prepare_output(out, overwrite, resume, opts)
     identity = run_identity(plan)
-    runner = Runner(plan, out, resume, cache_dir(plan.pipeline, out))
+    runner = Runner(plan, out, resume, cache_dir(plan.pipeline, out), listener)
     if resume:
         commits.check_resumable(runner.layout, identity)
     init_ray(address, num_cpus)
@@ -162,6 +168,7 @@ def run_plan(
     started = datetime.now(UTC)
     t0 = time.perf_counter()
     runner.run()
+    index = build_index(plan, runner.layout, runner.reports)
     resources = cluster_resources()
     run_info = {
         "started_at": started.isoformat(timespec="seconds"),
@@ -182,7 +189,24 @@ def run_plan(
         },
     }
     manifest = build_manifest(
-        plan, runner.layout, runner.reports, run_info, runner.global_summaries
+        plan, runner.layout, runner.reports, run_info, runner.global_summaries, index
     )
     write_manifest(manifest, runner.layout)
+    write_run_stats(out, manifest, opts)
     return RunResult(out, manifest)
+
+
+def load_run(out: str, opts: StorageOptions | None = None) -> RunStats:
+    """A finished run for analysis (notebooks, ``curate stats``): its manifest, merged
+    and per-shard statistics, rejects and plots (see :class:`curate.stats.RunStats`)."""
+    return RunStats.load(out, opts)
+
+
+def explain(out: str, record_id: str, opts: StorageOptions = LOCAL) -> dict[str, Any]:
+    """What happened to record ``record_id`` in the finished run in ``out`` (a folder
+    or ``s3://`` prefix), answered from the run's id index: see
+    :func:`curate.lineage.explain.explain`.  Raises ``ExplainError`` with a one-line
+    message for an unknown id or a folder that holds no finished, indexed run."""
+    from curate.lineage.explain import explain as explain_record
+
+    return explain_record(out, record_id, opts)
