@@ -1,6 +1,9 @@
 """Thresholds on score columns: absolute, or as global percentiles.
 
-* ``score_filter`` keeps rows whose score lies in ``[min, max]``.
+* ``score_filter`` keeps rows whose score lies in ``[min, max]`` (or whose label
+  is one of ``values``); with ``any:`` / ``all:`` it combines several such
+  conditions: Open-Qwen2VL keeps a pair that passes the CLIP filter *or*
+  MLM-Filter's SU >= 85.
 * ``percentile_filter`` keeps the top, bottom or middle fraction of a score,
   over the whole dataset or per group (``by: lang``): DCLM's "top 10 % of
   P(hq)", Perplexed-by-Perplexity's low / medium / high 50 %.
@@ -72,21 +75,14 @@ def _score_presets() -> dict[str, tuple[str, float]]:
 SCORE_PRESETS = _score_presets()
 
 
-class ScoreFilterConfig(StageConfig):
-    """Keep rows whose ``column`` lies in ``[min, max]`` (bounds inclusive, either
-    optional).  A null or NaN score is dropped (``score_filter:missing``).
+class _ColumnTest(StageConfig):
+    """The test of one column: ``min`` and/or ``max`` (inclusive) on a number, or
+    ``values``, the labels that pass (a string column such as ``percentile_bucket``'s
+    ``bucket``).  ``preset`` fills ``column`` and ``min`` (see :data:`SCORE_PRESETS`)."""
 
-    ``preset: datacomp_<b32|l14>_<pct>`` sets ``column: clip_score`` and ``min`` to
-    the cosine threshold that kept ``pct`` % of DataComp's pool with that CLIP model
-    (pct in 1, 3, 10, 20, 30, 40, 50, 75, 90); ``preset: laion2b`` is B/32 ≥ 0.28;
-    ``preset: open_qwen2vl_su`` is ``mlm_su`` ≥ 85 (MLM-Filter's semantic
-    understanding, as Open-Qwen2VL filters).
-    On another pool the kept share differs: ``percentile_filter`` keeps an exact
-    share instead."""
-
-    column: str
     min: float | None = None
     max: float | None = None
+    values: list[str] | None = Field(None, min_length=1)
     preset: str | None = None
 
     @model_validator(mode="before")
@@ -102,43 +98,168 @@ class ScoreFilterConfig(StageConfig):
         column, low = SCORE_PRESETS[name]
         return {"column": column, "min": low, **data}
 
-    @model_validator(mode="after")
-    def _bounds(self) -> ScoreFilterConfig:
-        if self.min is None and self.max is None:
-            raise ValueError("give min and/or max")
+    def _check_test(self) -> None:
+        bounded = self.min is not None or self.max is not None
+        if self.values is not None and bounded:
+            raise ValueError("give min and/or max (a score) or values (labels), not both")
+        if self.values is None and not bounded:
+            raise ValueError("give min and/or max, or values")
         if self.min is not None and self.max is not None and self.min > self.max:
             raise ValueError(f"min ({self.min}) must not exceed max ({self.max})")
+
+
+class ScoreCondition(_ColumnTest):
+    """One condition of ``score_filter``'s ``any`` / ``all``."""
+
+    column: str
+
+    @model_validator(mode="after")
+    def _valid(self) -> ScoreCondition:
+        self._check_test()
         return self
+
+    def failures(self, batch: pa.Table) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
+        """Per row, why it fails (``missing``, ``below_min``, ``above_max``, ``not_in``;
+        None when it passes) and the value as the rejects show it (None when missing)."""
+        col = batch.column(self.column)
+        n = batch.num_rows
+        why = np.full(n, None, dtype=object)
+        if self.values is not None:
+            if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
+                col = pc.cast(col, pa.string())
+            shown = np.asarray(col.to_pylist(), dtype=object).reshape(n)
+            allowed = set(self.values)
+            missing = np.fromiter((v is None for v in shown), dtype=bool, count=n)
+            outside = np.fromiter((v is not None and v not in allowed for v in shown), bool, n)
+            why[missing] = "missing"
+            why[outside] = "not_in"
+            return why, shown
+        score = col.to_numpy(zero_copy_only=False).astype(np.float64)
+        missing = np.isnan(score)
+        why[missing] = "missing"
+        if self.min is not None:
+            why[~missing & (score < self.min)] = "below_min"
+        if self.max is not None:
+            why[~missing & (score > self.max)] = "above_max"
+        shown = np.full(n, None, dtype=object)
+        failed = (why != None) & ~missing  # noqa: E711 - elementwise
+        shown[failed] = [format_value(v) for v in score[failed]]
+        return why, shown
+
+
+class ScoreFilterConfig(_ColumnTest):
+    """Keep rows whose ``column`` lies in ``[min, max]`` (bounds inclusive, either
+    optional), or with ``values:`` rows whose label is one of them (CCNet's head:
+    ``{column: bucket, values: [head]}``).  A null or NaN score is dropped
+    (``score_filter:missing``); the other reasons are ``score_filter:below_min``,
+    ``:above_max`` and ``:not_in``.
+
+    ``preset: datacomp_<b32|l14>_<pct>`` sets ``column: clip_score`` and ``min`` to
+    the cosine threshold that kept ``pct`` % of DataComp's pool with that CLIP model
+    (pct in 1, 3, 10, 20, 30, 40, 50, 75, 90); ``preset: laion2b`` is B/32 ≥ 0.28;
+    ``preset: open_qwen2vl_su`` is ``mlm_su`` ≥ 85 (MLM-Filter's semantic
+    understanding, as Open-Qwen2VL filters).
+    On another pool the kept share differs: ``percentile_filter`` keeps an exact
+    share instead.
+
+    ``any: [condition, ...]`` keeps a row that passes at least one condition,
+    ``all: [...]`` one that passes every condition; each condition is a
+    ``{column, min, max, values, preset}`` mapping as above.  Open-Qwen2VL's
+    "CLIP filter ∪ MLM-Filter"::
+
+        any:
+          - {column: dfn_bucket, values: [top]}
+          - {preset: open_qwen2vl_su}
+
+    A dropped row's reason names every condition it failed and how,
+    ``score_filter:any:<column>.<failure>+<column>.<failure>`` (``all:`` likewise,
+    only the failed ones), failures being ``missing``, ``below_min``,
+    ``above_max`` and ``not_in``; its value gives ``<column>=<value>`` for each.
+    A missing value fails its condition only: under ``any`` another may pass."""
+
+    column: str | None = None
+    any: list[ScoreCondition] | None = Field(None, min_length=1)
+    all: list[ScoreCondition] | None = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> ScoreFilterConfig:
+        forms = [
+            name
+            for name, given in (
+                ("column", self.column is not None),
+                ("any", self.any is not None),
+                ("all", self.all is not None),
+            )
+            if given
+        ]
+        if len(forms) != 1:
+            raise ValueError(
+                "give one of column (with min / max, values or a preset), any: [...] or "
+                f"all: [...]; got {' and '.join(forms) or 'none'}"
+            )
+        if self.column is not None:
+            self._check_test()
+        elif self.min is not None or self.max is not None or self.values is not None:
+            raise ValueError("with any / all, min, max and values go inside each condition")
+        return self
+
+    def mode(self) -> Literal["single", "any", "all"]:
+        if self.any is not None:
+            return "any"
+        return "all" if self.all is not None else "single"
+
+    def conditions(self) -> list[ScoreCondition]:
+        """The conditions the filter tests (the single one without any / all)."""
+        if self.any is not None:
+            return list(self.any)
+        if self.all is not None:
+            return list(self.all)
+        assert self.column is not None
+        return [ScoreCondition(column=self.column, min=self.min, max=self.max, values=self.values)]
 
 
 class ScoreFilter(Filter):
-    """Absolute thresholds on a score column (``score_filter:below_min|above_max``)."""
+    """Absolute thresholds on score columns, alone or combined (``any`` / ``all``):
+    reasons ``score_filter:below_min|above_max|not_in|missing``, or
+    ``score_filter:<any|all>:<column>.<failure>+...``."""
 
     Config: ClassVar[type[StageConfig]] = ScoreFilterConfig
     config: ScoreFilterConfig
     reason_details: ClassVar[bool] = True
 
     def reads(self) -> Sequence[str]:
-        return (self.config.column,)
+        return tuple(dict.fromkeys(c.column for c in self.config.conditions()))
 
     def decide(self, batch: pa.Table) -> Verdict:
-        c = self.config
-        col = batch.column(c.column)
-        score = col.to_numpy(zero_copy_only=False).astype(np.float64)
+        mode = self.config.mode()
+        tested = [c.failures(batch) for c in self.config.conditions()]
         n = batch.num_rows
+        if mode == "single":
+            why, shown = tested[0]
+            reason = np.full(n, None, dtype=object)
+            failed = why != None  # noqa: E711 - elementwise
+            reason[failed] = ["score_filter:" + w for w in why[failed]]
+            value = np.full(n, None, dtype=object)
+            value[failed] = shown[failed]
+            keep = np.asarray(~failed, dtype=bool)
+            return Verdict(keep, pa.array(reason, pa.string()), pa.array(value, pa.string()))
+        fails = np.stack([why != None for why, _ in tested])  # noqa: E711 - elementwise
+        passed = ~fails.all(axis=0) if mode == "any" else ~fails.any(axis=0)
+        keep = np.asarray(passed, dtype=bool)
         reason = np.full(n, None, dtype=object)
         value = np.full(n, None, dtype=object)
-        missing = np.isnan(score)
-        reason[missing] = "score_filter:missing"
-        if c.min is not None:
-            hit = ~missing & (score < c.min)
-            reason[hit] = "score_filter:below_min"
-        if c.max is not None:
-            hit = ~missing & (score > c.max)
-            reason[hit] = "score_filter:above_max"
-        dropped = (reason != None) & ~missing  # noqa: E711 - elementwise
-        value[dropped] = [format_value(v) for v in score[dropped]]
-        keep = np.asarray(reason == None, dtype=bool)  # noqa: E711
+        columns = [c.column for c in self.config.conditions()]
+        for row in np.flatnonzero(~keep):
+            # each failed (column, failure) once: two conditions may test one column
+            parts = list(
+                dict.fromkeys(
+                    (column, why[row], shown[row])
+                    for column, (why, shown) in zip(columns, tested, strict=True)
+                    if why[row] is not None
+                )
+            )
+            reason[row] = f"score_filter:{mode}:" + "+".join(f"{c}.{w}" for c, w, _ in parts)
+            value[row] = "; ".join(f"{c}={'null' if v is None else v}" for c, _, v in parts)
         return Verdict(keep, pa.array(reason, pa.string()), pa.array(value, pa.string()))
 
 
