@@ -242,3 +242,23 @@ def test_sink_names_that_are_curate_folders_are_refused(
     text = GOOD.replace("  out: {input: length}", f"  '{name}': {{input: length}}")
     with pytest.raises(ConfigError, match=f"sink name '{name}'"):
         load_pipeline(pipeline_file(text))
+
+
+def test_set_rebases_model_files_and_mappings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from curate.config.load import _rebase
+
+    here = tmp_path / "cwd"
+    (here / "m").mkdir(parents=True)
+    (here / "m" / "clip.pt").write_bytes(b"x")
+    monkeypatch.chdir(here)
+    base = tmp_path / "recipes"
+    assert _rebase("checkpoint", "m/clip.pt", base) == "../cwd/m/clip.pt"
+    assert _rebase("checkpoint", "hub:openai", base) == "hub:openai"  # a tag, not a path
+    assert _rebase("tokenizer", "cl100k_base", base) == "cl100k_base"
+    assert _rebase("cache_dir", "cache", base) == "../cwd/cache"  # need not exist yet
+    backend = {"kind": "transformers", "model": "m", "batch_size": 8}
+    assert _rebase("backend", backend, base) == {**backend, "model": "../cwd/m"}
+    served = {"kind": "openai", "model": "org/served-name"}
+    assert _rebase("backend", served, base) == served

@@ -112,17 +112,26 @@ def apply_overrides(
         pos.overridden.add(tuple(path))
 
 
+#: Keys whose relative values on the command line are paths, rebased to the file's folder.
+PATH_KEYS = ("uri", "output", "image_root", "cache_dir", "request_cache")
+#: Keys that name a model file or a packaged / hub name: rebased when the path exists.
+MODEL_KEYS = ("model", "checkpoint", "arch_config", "tokenizer")
+
+
 def _rebase(key: str, value: Any, base_dir: Path) -> Any:
     """Paths on the command line are relative to the current folder, paths in the
     file to the file's folder: rewrite the former relative to the file's folder, so
-    that the same files give the same provenance (and ids) whichever way they came."""
-    if key not in ("uri", "output", "model", "image_root"):
+    that the same files give the same provenance (and ids) whichever way they came.
+    Values inside a mapping given whole (``backend={kind: ..., model: DIR}``) too."""
+    if isinstance(value, dict):
+        return {k: _rebase(k, v, base_dir) for k, v in value.items()}
+    if key not in PATH_KEYS + MODEL_KEYS:
         return value
     if isinstance(value, list):
         return [_rebase(key, v, base_dir) for v in value]
     if isinstance(value, str) and "://" not in value and not os.path.isabs(value):
-        if key == "model" and (value in PACKAGED or not os.path.exists(value)):
-            return value  # a packaged model's name, not a path
+        if key in MODEL_KEYS and (value in PACKAGED or not os.path.exists(value)):
+            return value  # a packaged model's or a hub's name, not a path
         return os.path.relpath(Path(value).absolute(), base_dir)
     return value
 

@@ -7,7 +7,12 @@ OUT/<sink>/part-<unit>-<k>.tar            curated output shards (WebDataset sink
 OUT/<sink>/index/part-<unit>.parquet      WebDataset sink: key -> shard, byte offset, size
 OUT/<sink>/part-<unit>-<k>.json           curated output shards (llava sink: JSON arrays)
 OUT/<sink>/images/part-<unit>/<id>.<ext>  llava sink: the images its JSON files name
-OUT/rejects/<stage>/unit-<unit>.parquet   every dropped row: id, stage, reason, value, provenance
+OUT/rejects/<stage>/unit-<unit>.parquet   every dropped row: id, stage, reason, value, provenance,
+                                          scores
+OUT/stats/<sink>/<shard stem>.json        per-shard statistics (curate.stats); stats/rejects/...,
+OUT/stats/summary.json                    their merge; stats/plots/ (curate stats)
+OUT/_index/ids/part-<p>.parquet           the id index curate explain reads (_index/index.json)
+OUT/_progress.json                        live per-stage counts (curate.progress)
 OUT/_work/<node>/unit-<unit>.parquet      materialized intermediate outputs
 OUT/_work/<stage>.decisions/unit-<unit>.parquet   a global stage's decisions
 OUT/_commits/run.json                     what the run is (spec hash, inputs): --resume checks it
