@@ -16,9 +16,7 @@ selections are compared record by record (ids and copies) before the times are s
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -31,7 +29,7 @@ import tiktoken
 import xxhash
 
 sys.path.insert(0, str(Path(__file__).parent))
-from passthrough import WORK, make_corpus
+from passthrough import WORK, make_corpus, run_cli
 
 SEED = 11
 SHARE = {"large": 0.5, "medium": 0.3, "small": 0.2}
@@ -117,7 +115,6 @@ def plain(folders: dict[str, Path], budget: int, out: Path) -> tuple[float, Coun
 def curate_mix(
     folders: dict[str, Path], budget: int, out: Path
 ) -> tuple[float, float, Counter[str]]:
-    shutil.rmtree(out, ignore_errors=True)
     sources = "\n".join(
         f"  {n}: {{uri: '{f / 'shards'}/*.parquet', id_column: url}}" for n, f in folders.items()
     )
@@ -128,17 +125,7 @@ def curate_mix(
     spec.write_text(
         PIPELINE.format(seed=SEED, sources=sources, budget=budget, components=components)
     )
-    start = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, "-m", "curate.cli", "run", str(spec), "-o", str(out)],
-        check=False,
-        capture_output=True,
-        text=True,
-    )
-    wall = time.perf_counter() - start
-    if proc.returncode:
-        sys.exit(proc.stderr[-4000:])
-    manifest = json.loads((out / "manifest.json").read_text())
+    wall, manifest = run_cli(spec, out)
     ids = pq.read_table(out / "out", columns=["id"]).column("id").to_pylist()
     return wall, manifest["run"]["seconds"], Counter(ids)
 

@@ -25,6 +25,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -102,12 +103,13 @@ def plain_pyarrow(folder: Path, out: Path) -> tuple[float, int]:
     return time.perf_counter() - start, kept
 
 
-def curate_run(folder: Path, out: Path) -> tuple[float, float, int]:
-    """Run the pipeline in a fresh process (embedded Ray); return wall, pipeline seconds, kept."""
+def run_cli(spec: Path, out: Path) -> tuple[float, dict[str, Any]]:
+    """``curate run`` in a fresh process (embedded Ray) into an emptied ``out``: the wall
+    time with start-up, and the manifest."""
     shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-m", "curate.cli", "run", str(folder / "pipeline.yaml"), "-o", str(out)],
+        [sys.executable, "-m", "curate.cli", "run", str(spec), "-o", str(out)],
         check=False,
         capture_output=True,
         text=True,
@@ -115,7 +117,13 @@ def curate_run(folder: Path, out: Path) -> tuple[float, float, int]:
     wall = time.perf_counter() - start
     if proc.returncode:
         sys.exit(proc.stderr[-4000:])
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest: dict[str, Any] = json.loads((out / "manifest.json").read_text())
+    return wall, manifest
+
+
+def curate_run(folder: Path, out: Path) -> tuple[float, float, int]:
+    """Run the pipeline; return wall, pipeline seconds, kept."""
+    wall, manifest = run_cli(folder / "pipeline.yaml", out)
     kept = next(s["kept"] for s in manifest["stages"] if s["name"] == "length")
     return wall, manifest["run"]["seconds"], kept
 

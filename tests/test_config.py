@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -240,7 +241,7 @@ def test_sink_names_that_are_curate_folders_are_refused(
     pipeline_file: Callable[[str], Path], name: str
 ) -> None:
     text = GOOD.replace("  out: {input: length}", f"  '{name}': {{input: length}}")
-    with pytest.raises(ConfigError, match=f"sink name '{name}'"):
+    with pytest.raises(ConfigError, match=f"sinks.{re.escape(name)}: sink name '{name}'"):
         load_pipeline(pipeline_file(text))
 
 

@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import user_files, write_jsonl
+from test_stats import WORDS
 
 from curate import mixing
 from curate.api import check, run
@@ -24,20 +25,6 @@ from curate.tokens import CL100K_SHA256, TokenizerError, count_tokens, load_toke
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
-WORDS = [
-    "alpha",
-    "beta",
-    "gamma",
-    "delta",
-    "epsilon",
-    "zeta",
-    "eta",
-    "theta",
-    "iota",
-    "kappa",
-    "lambda",
-    "mu",
-]
 SIZES = {"web": 300, "code": 40, "books": 10}
 
 

@@ -185,16 +185,19 @@ def _bind_stages(spec: PipelineSpec, pos: Positions, issues: list[Issue]) -> dic
     return bound
 
 
-#: Folders of the output root that a sink may not take.
-RESERVED_SINK_NAMES = {"rejects", "_work", "_commits", "_cache", "_state"}
+#: Folders and files of the output root that a sink may not take (and every name
+#: starting with ``_`` or ``.``: _work, _commits, _cache, _state, _index, _progress.json).
+RESERVED_SINK_NAMES = {"rejects", "stats", "manifest.json"}
 
 
 def _check_names(spec: PipelineSpec, pos: Positions, issues: list[Issue]) -> None:
     for name in spec.sinks:
-        if name in RESERVED_SINK_NAMES or name.startswith("."):
+        if name in RESERVED_SINK_NAMES or name.startswith(("_", ".")):
             issues.append(
                 pos.issue(("sinks", name), f"sink name {name!r} is reserved for run files")
             )
+        elif "/" in name or "\\" in name:
+            issues.append(pos.issue(("sinks", name), f"sink name {name!r}: one folder, no '/'"))
     seen: dict[str, str] = {}
     for section in ("sources", "stages", "sinks"):
         for name in getattr(spec, section):

@@ -7,7 +7,6 @@ every error in the file — top level and every stage — is reported at once.
 
 from __future__ import annotations
 
-import re
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
@@ -26,9 +25,6 @@ from curate.io.storage import StorageOptions
 from curate.stage import POS, RESERVED_COLUMNS, UNIT, Resources, StageConfig
 
 RESERVED_NAMES = {*RESERVED_COLUMNS, UNIT, POS}
-#: Folders and files of an output root that curate itself writes (not sink names).
-RESERVED_FOLDERS = {"rejects", "stats", "manifest.json"}
-SINK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 #: Columns a WebDataset source adds (see ``curate.io.webdataset``).
 WEBDATASET_NAMES = {"key", "image", "image_ext", "width", "height"}
 #: Columns a LLaVA source adds (see ``curate.io.llava``).
@@ -202,19 +198,6 @@ class PipelineSpec(_Strict):
     def _not_empty(cls, value: dict[str, Any]) -> dict[str, Any]:
         if not value:
             raise ValueError("at least one entry is required")
-        return value
-
-    @field_validator("sinks")
-    @classmethod
-    def _sink_folders(cls, value: dict[str, Any]) -> dict[str, Any]:
-        """A sink is a folder of the output: its name may not be one curate writes
-        (``rejects``, ``stats``), hidden, or a path."""
-        for name in value:
-            if name in RESERVED_FOLDERS or not SINK_NAME.fullmatch(name):
-                raise ValueError(
-                    f"sink name {name!r}: letters, digits, '_', '-' and '.', not starting "
-                    f"with '_' or '.', and none of {', '.join(sorted(RESERVED_FOLDERS))}"
-                )
         return value
 
 
