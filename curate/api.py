@@ -124,6 +124,37 @@ def init_ray(address: str | None, num_cpus: int | None) -> None:
         )
 
 
+#: Resources every node has or that name the node itself: not worth a column each.
+_BUILTIN_RESOURCES = {"CPU", "GPU", "memory", "object_store_memory"}
+
+
+def cluster_nodes() -> list[dict[str, Any]]:
+    """Every live node of the connected cluster: head or not, CPUs, GPUs, memory and
+    custom resources, plus its id and address.  Sorted (head first, then by address
+    and id) so that manifests of runs on one cluster list nodes in the same order; it
+    lives under ``run`` because ids and addresses change from cluster to cluster."""
+    import ray
+
+    nodes = [_node_row(n) for n in ray.nodes() if n.get("Alive")]  # type: ignore[no-untyped-call]
+    return sorted(nodes, key=lambda n: (not n["head"], n["address"], n["node_id"]))
+
+
+def _node_row(node: dict[str, Any]) -> dict[str, Any]:
+    res: dict[str, float] = node.get("Resources", {})
+    custom = {k: v for k, v in sorted(res.items()) if k not in _BUILTIN_RESOURCES and ":" not in k}
+    accelerators = sorted(k.split(":", 1)[1] for k in res if k.startswith("accelerator_type:"))
+    return {
+        "head": "node:__internal_head__" in res,
+        "cpus": res.get("CPU", 0),
+        "gpus": res.get("GPU", 0),
+        "accelerators": accelerators,
+        "memory_bytes": int(res.get("memory", 0)),
+        "resources": custom,
+        "node_id": node.get("NodeID", ""),
+        "address": node.get("NodeManagerAddress", ""),
+    }
+
+
 def run(
     path: str,
     output: str | None = None,
@@ -186,6 +217,7 @@ def run_plan(
             "cpus": resources.get("CPU", 0),
             "gpus": resources.get("GPU", 0),
             "ray": ray_version(),
+            "per_node": cluster_nodes(),
         },
     }
     manifest = build_manifest(

@@ -66,8 +66,21 @@ def git_commit() -> str:
             timeout=10,
         ).stdout
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return _shipped_commit()
     return head + ("-dirty" if dirty.strip() else "")
+
+
+def _shipped_commit() -> str:
+    """The commit a package shipped by ``curate submit`` was copied from (the copy on
+    the cluster has no ``.git``), so that a job's manifest names the same commit as a
+    local run of the same tree; ``unknown`` for any other install without git."""
+    from curate.cluster import SOURCE_COMMIT_FILE
+
+    path = Path(__file__).resolve().parents[1] / SOURCE_COMMIT_FILE
+    try:
+        return path.read_text().strip() or "unknown"
+    except OSError:
+        return "unknown"
 
 
 def stage_table(

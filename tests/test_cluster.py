@@ -1,0 +1,400 @@
+"""``curate submit``/``status``/``logs``/``stop`` against a real three-node Ray cluster on
+this machine (a head and two worker nodes, each its own ``ray start`` raylet, token
+authentication on), with the loopback S3 server of ``test_s3`` as the shared storage.
+
+Each node is a ``ray start --block`` process in its own process group with its own temp
+dir and ports; teardown signals exactly those groups.  ``ray stop`` is never called: it
+stops every Ray process of the machine, other sessions' included.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_s3 import BUCKET, SECRET, s3_endpoint
+
+from curate.io import storage
+from curate.io.storage import StorageOptions
+
+__all__ = ["s3_endpoint"]  # the module fixture of test_s3, reused here
+
+pytestmark = [pytest.mark.cluster, pytest.mark.s3]
+
+BIN = Path(sys.executable).parent
+START_TIMEOUT_S = 90
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Cluster:
+    """A running test cluster: its Jobs API address, token and the client environment."""
+
+    address: str
+    token: str
+    env: dict[str, str]
+    root: Path
+
+
+def _alive_nodes(address: str, token: str) -> int:
+    """Live nodes per the dashboard's state API (0 while the dashboard is not up)."""
+    request = urllib.request.Request(
+        f"{address}/api/v0/nodes?limit=100", headers={"Authorization": f"Bearer {token}"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            body = json.load(response)
+    except OSError:
+        return 0
+    nodes = body.get("data", {}).get("result", {}).get("result", [])
+    return sum(1 for n in nodes if n.get("state") == "ALIVE")
+
+
+def _stop_nodes(procs: list[subprocess.Popen[bytes]], root: Path) -> None:
+    """SIGTERM each node's process group, SIGKILL what is left after a short grace (a
+    node drains for up to 30 s on SIGTERM), then any process still naming our temp dir."""
+    for proc in reversed(procs):
+        with_group(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + 8
+    for proc in procs:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+    for proc in procs:
+        with_group(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+    import psutil
+
+    for p in psutil.process_iter(["cmdline"]):
+        if str(root) in " ".join(p.info["cmdline"] or []):
+            p.kill()
+
+
+def with_group(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, sig)
+
+
+@pytest.fixture(scope="module")
+def cluster(s3_endpoint: str) -> Iterator[Cluster]:
+    """Head (1 CPU, Jobs API on 127.0.0.1) plus two worker nodes (1 CPU and
+    ``worker_node: 1`` each), token auth on; the S3 test credentials are in the
+    nodes' environment (the jobs' drivers and workers inherit it)."""
+    root = Path(tempfile.mkdtemp(prefix="curate-cl-", dir="/tmp"))  # short: socket paths
+    token = secrets.token_hex(32)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, PATH=f"{BIN}:{env['PATH']}")
+    gcs, dashboard = _free_port(), _free_port()
+    address = f"http://127.0.0.1:{dashboard}"
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def launch(name: str, *args: str) -> None:
+        (root / name).mkdir()
+        argv = [str(BIN / "ray"), "start", "--block", "--disable-usage-stats"]
+        argv += ["--node-ip-address", "127.0.0.1", "--num-cpus", "1"]
+        argv += ["--temp-dir", str(root / name), "--object-store-memory", str(128 << 20)]
+        argv += ["--dashboard-agent-listen-port", str(_free_port()), *args]
+        log = open(root / f"{name}.log", "wb")  # noqa: SIM115 - the node's lifetime
+        procs.append(
+            subprocess.Popen(argv, env=env, stdout=log, stderr=log, start_new_session=True)
+        )
+
+    def wait_for(nodes: int) -> None:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while _alive_nodes(address, token) < nodes:
+            dead = [p for p in procs if p.poll() is not None]
+            if dead or time.monotonic() > deadline:
+                logs = "\n".join(
+                    (root / f).read_text()[-800:] for f in os.listdir(root) if f.endswith(".log")
+                )
+                raise RuntimeError(f"cluster did not reach {nodes} node(s):\n{logs}")
+            time.sleep(0.5)
+
+    try:
+        launch(
+            "head",
+            "--head",
+            "--port",
+            str(gcs),
+            "--dashboard-host",
+            "127.0.0.1",
+            "--dashboard-port",
+            str(dashboard),
+            "--ray-client-server-port",
+            str(_free_port()),
+        )
+        wait_for(1)
+        for i in (1, 2):
+            launch(
+                f"worker{i}", "--address", f"127.0.0.1:{gcs}", "--resources", '{"worker_node": 1}'
+            )
+        wait_for(3)
+        yield Cluster(address, token, env, root)
+    finally:
+        _stop_nodes(procs, root)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def opts(s3_endpoint: str) -> StorageOptions:
+    return StorageOptions(endpoint_url=s3_endpoint)
+
+
+def curate(cl: Cluster, *args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    """``curate ARGS`` in a fresh process, as a user runs it (the token in its env only)."""
+    return subprocess.run(
+        [sys.executable, "-m", "curate.cli", *args],
+        env=cl.env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def jobs(cl: Cluster) -> Any:
+    """This process's Jobs API client for the test cluster (the token only in the
+    environment while the client reads it, as ``curate`` would)."""
+    from curate.cluster import jobs_client
+
+    saved = os.environ.get("RAY_AUTH_TOKEN")
+    os.environ["RAY_AUTH_TOKEN"] = cl.token
+    try:
+        return jobs_client(cl.address)
+    finally:
+        if saved is None:
+            os.environ.pop("RAY_AUTH_TOKEN")
+        else:
+            os.environ["RAY_AUTH_TOKEN"] = saved
+
+
+def job_ids(cl: Cluster) -> set[str]:
+    return {j.submission_id for j in jobs(cl).list_jobs()}
+
+
+def s3_user_files(prefix: str, opts: StorageOptions) -> dict[str, bytes]:
+    """``conftest.user_files`` for an ``s3://`` run: every object a user reads, and the
+    manifest without its ``run`` key (which holds timings, hosts and nodes)."""
+    found = {}
+    for info in storage.list_prefix(prefix, opts):
+        rel = storage.relative(info.uri, prefix)
+        if rel.startswith(("_commits/", "_work/", "_cache/", "_state/", "_progress.json", ".")):
+            continue
+        data = storage.read_bytes(info.uri, opts)
+        if rel == "manifest.json":
+            manifest = json.loads(data)
+            manifest.pop("run")
+            data = json.dumps(manifest, sort_keys=True).encode()
+        found[rel] = data
+    return found
+
+
+TEXT_PIPELINE = """\
+name: cluster_text
+seed: 7
+sources:
+  docs: {{uri: "s3://{bucket}/cl/in/*.jsonl", columns: {{url: string}}}}
+stages:
+  stats: {{type: text_stats}}
+  length: {{type: length_filter, min_words: 4}}
+  dedup: {{type: exact_dedup}}
+sinks:
+  curated: {{input: dedup, shard_bytes: 2KiB}}
+execution: {{unit_bytes: 1B}}
+storage: {{s3: {{endpoint_url: "{endpoint}"}}}}
+"""
+
+
+def _docs(shard: int) -> list[str]:
+    rows = []
+    for j in range(30):
+        words = " ".join(f"w{(shard * 7 + j * k) % 50}" for k in range(j % 12))
+        rows.append(json.dumps({"text": words or "x", "url": f"u{shard}-{j}"}))
+    rows.append(json.dumps({"text": "the same text in every shard here", "url": "dup"}))
+    return rows
+
+
+def test_submit_runs_on_three_nodes_like_a_local_run(
+    cluster: Cluster, opts: StorageOptions, tmp_path: Path
+) -> None:
+    for shard in range(6):
+        body = ("\n".join(_docs(shard)) + "\n").encode()
+        storage.write_bytes(f"s3://{BUCKET}/cl/in/docs-{shard}.jsonl", body, opts)
+    folder = tmp_path / "pipes"
+    folder.mkdir()
+    spec = folder / "text.yaml"
+    spec.write_text(TEXT_PIPELINE.format(bucket=BUCKET, endpoint=opts.endpoint_url))
+    remote = f"s3://{BUCKET}/cl/runs/cluster"
+
+    # The same pipeline with an embedded Ray, in its own process (this one must not
+    # start a Ray beside the cluster's), run meanwhile: its outputs must be byte-identical.
+    local = f"s3://{BUCKET}/cl/runs/local"
+    env = {k: v for k, v in cluster.env.items() if not k.startswith("RAY_")}
+    local_run = subprocess.Popen(
+        [sys.executable, "-m", "curate.cli", "run", str(spec), "-o", local, "--num-cpus", "2"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        t0 = time.monotonic()
+        done = curate(cluster, "submit", str(spec), "--address", cluster.address, "-o", remote)
+        seconds = time.monotonic() - t0
+        shown = done.stdout + done.stderr
+        assert done.returncode == 0, shown
+        assert "SUCCEEDED" in shown
+        assert cluster.token not in shown and SECRET not in shown
+
+        manifest = json.loads(storage.read_bytes(f"{remote}/manifest.json", opts))
+        nodes = manifest["run"]["cluster"]["per_node"]
+        assert manifest["run"]["cluster"]["nodes"] == 3 and len(nodes) == 3
+        assert nodes[0]["head"] and not any(n["head"] for n in nodes[1:])
+        assert [n["resources"].get("worker_node", 0) for n in nodes] == [0, 1, 1]
+        assert [n["cpus"] for n in nodes] == [1, 1, 1]
+        for stage in manifest["stages"]:
+            assert stage["rows_in"] == stage["kept"] + stage["dropped"], stage
+        assert {s["name"]: s["dropped"] for s in manifest["stages"]}["dedup"] >= 5
+        ran_out, ran_err = local_run.communicate(timeout=240)
+    finally:
+        if local_run.poll() is None:
+            local_run.kill()
+            local_run.communicate()
+    assert local_run.returncode == 0, ran_out + ran_err
+    on_cluster, at_home = s3_user_files(remote, opts), s3_user_files(local, opts)
+    assert sorted(on_cluster) == sorted(at_home)
+    differ = [k for k in on_cluster if on_cluster[k] != at_home[k]]
+    if "manifest.json" in differ:
+        a, b = (json.loads(f["manifest.json"]) for f in (on_cluster, at_home))
+        assert {k: a[k] for k in a if a[k] != b[k]} == {k: b[k] for k in b if a[k] != b[k]}
+    assert differ == []
+    print(f"cluster job: {seconds:.1f} s")
+
+    # Nothing secret in what Ray recorded of the job.
+    recorded = json.dumps([j.dict() for j in jobs(cluster).list_jobs()], default=str)
+    assert cluster.token not in recorded and SECRET not in recorded
+
+
+BROKEN = """\
+name: broken
+sources:
+  docs: {uri: "s3://curate-test/cl/in/*.jsonl", colour: red}
+stages:
+  length: {type: length_filter, min_wrds: 4}
+sinks:
+  out: {input: length}
+"""
+
+
+def test_config_errors_and_bad_outputs_submit_nothing(cluster: Cluster, tmp_path: Path) -> None:
+    before = job_ids(cluster)
+    spec = tmp_path / "broken.yaml"
+    spec.write_text(BROKEN)
+    sent = curate(cluster, "submit", str(spec), "--address", cluster.address, "-o", "s3://b/o")
+    checked = curate(cluster, "validate", str(spec))
+    assert sent.returncode == 1 and checked.returncode == 1
+    assert sent.stderr == checked.stderr  # the same report as `curate validate`
+    assert "2 problem(s) found" in sent.stderr
+
+    good = tmp_path / "good.yaml"
+    good.write_text(
+        f"name: g\nsources: {{d: {{uri: {tmp_path}/d.jsonl}}}}\nsinks: {{o: {{input: d}}}}\n"
+    )
+    (tmp_path / "d.jsonl").write_text('{"text": "a b c"}\n')
+    local = curate(cluster, "submit", str(good), "--address", cluster.address, "-o", "out/x")
+    assert local.returncode == 1
+    assert "not shared storage" in local.stderr and len(local.stderr.strip().splitlines()) == 1
+
+    wrong = dict(cluster.env, RAY_AUTH_TOKEN="not-the-token")
+    denied = subprocess.run(
+        [sys.executable, "-m", "curate.cli", "status", "x", "--address", cluster.address],
+        env=wrong,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert denied.returncode == 1 and "token was rejected" in denied.stderr
+    assert "not-the-token" not in denied.stdout + denied.stderr
+    gone = curate(cluster, "status", "x", "--address", f"http://127.0.0.1:{_free_port()}")
+    assert gone.returncode == 1 and "cannot reach the Ray Jobs API" in gone.stderr
+    unknown = curate(cluster, "status", "no-such-job", "--address", cluster.address)
+    assert unknown.returncode == 1 and "no job 'no-such-job'" in unknown.stderr
+    assert job_ids(cluster) == before
+
+
+HANGING_PIPELINE = """\
+name: cluster_hang
+sources:
+  docs: {{uri: "s3://{bucket}/cl/in/*.jsonl"}}
+stages:
+  judge:
+    type: judge_score
+    question_column: text
+    answer_column: text
+    backend: {{kind: openai, base_url: "{url}", model: judge, timeout_s: 600}}
+sinks:
+  out: {{input: judge}}
+storage: {{s3: {{endpoint_url: "{endpoint}"}}}}
+"""
+
+
+def _status(cl: Cluster, job: str) -> str:
+    shown = curate(cl, "status", job, "--address", cl.address)
+    assert shown.returncode == 0, shown.stderr
+    return shown.stdout.split(":", 1)[1].split()[0]
+
+
+def test_status_logs_and_stop_of_a_running_job(
+    cluster: Cluster, opts: StorageOptions, tmp_path: Path
+) -> None:
+    # An endpoint that accepts connections and never answers: the job runs until stopped.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(64)
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}/v1"
+        if not storage.list_prefix(f"s3://{BUCKET}/cl/in", opts):
+            storage.write_bytes(f"s3://{BUCKET}/cl/in/d.jsonl", b'{"text": "a b"}\n', opts)
+        spec = tmp_path / "hang.yaml"
+        spec.write_text(HANGING_PIPELINE.format(bucket=BUCKET, url=url, endpoint=opts.endpoint_url))
+        out = f"s3://{BUCKET}/cl/runs/hang"
+        sent = curate(
+            cluster, "submit", str(spec), "--address", cluster.address, "-o", out, "--no-wait"
+        )
+        assert sent.returncode == 0, sent.stderr
+        job = sent.stdout.split("submitted job ", 1)[1].split()[0]
+
+        deadline = time.monotonic() + 120
+        client = jobs(cluster)
+        while "Connected to Ray cluster" not in client.get_job_logs(job):  # the driver runs
+            assert time.monotonic() < deadline, client.get_job_logs(job)
+            assert str(client.get_job_status(job).value) in {"PENDING", "RUNNING"}
+            time.sleep(1)
+        logs = curate(cluster, "logs", job, "--address", cluster.address)
+        assert logs.returncode == 0 and "Connected to Ray cluster" in logs.stdout
+        assert _status(cluster, job) == "RUNNING"
+        stopped = curate(cluster, "stop", job, "--address", cluster.address)
+        assert stopped.returncode == 0, stopped.stderr
+        assert stopped.stdout.strip() == f"{job}: STOPPED"
+        assert _status(cluster, job) == "STOPPED"
+        again = curate(cluster, "submit", str(spec), "--address", cluster.address, "-o", out)
+        assert again.returncode == 1 and "is not empty" in again.stderr  # a partial run
