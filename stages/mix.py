@@ -44,7 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from curate import mixing
 from curate.mixing import Available, Goal
-from curate.stage import POS, UNIT, Reshuffle, StageConfig
+from curate.stage import POS, UNIT, Reshuffle, StageConfig, StageContext
 from curate.tokens import load_tokenizer
 
 NOT_SAMPLED, ZERO_WEIGHT, NOT_A_COMPONENT = (
@@ -109,8 +109,10 @@ class Mix(Reshuffle):
     config: MixConfig
     reason_details: ClassVar[bool] = True
 
-    #: Input node -> the sources its rows come from (set by the DAG check).
-    input_sources: dict[str, list[str]] = {}  # noqa: RUF012 - replaced per instance
+    def __init__(self, config: StageConfig, context: StageContext) -> None:
+        super().__init__(config, context)
+        #: Input node -> the sources its rows come from (set by the DAG check).
+        self.input_sources: dict[str, list[str]] = {}
 
     def reads(self) -> Sequence[str]:
         cfg = self.config
