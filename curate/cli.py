@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator, Sequence
 from typing import Annotated, Any
 
 import typer
@@ -138,6 +138,14 @@ def run(
     )
 
 
+def new_table(title: str, columns: Sequence[str], left: Collection[str] = ()) -> Table:
+    """A titled table: numbers right-aligned, the ``left`` columns (names, reasons) left."""
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column, justify="left" if column in left else "right")
+    return table
+
+
 @contextlib.contextmanager
 def _live_progress() -> Iterator[Callable[[dict[str, Any]], None] | None]:
     """A live per-stage table on a terminal's stderr while the run goes (nothing when
@@ -154,12 +162,12 @@ def _live_progress() -> Iterator[Callable[[dict[str, Any]], None] | None]:
 def progress_table(snapshot: dict[str, Any]) -> Table:
     """Per-stage rows in / kept / dropped so far, with rates, and where the run is."""
     units, passes = snapshot["units"], snapshot["passes"]
-    table = Table(
-        title=f"{snapshot['phase']}  (pass {passes['done']}/{passes['total']}, "
-        f"units {units['done']}/{units['total']}, {snapshot['elapsed_s']:.0f} s)"
+    table = new_table(
+        f"{snapshot['phase']}  (pass {passes['done']}/{passes['total']}, "
+        f"units {units['done']}/{units['total']}, {snapshot['elapsed_s']:.0f} s)",
+        ("stage", "rows in", "kept", "dropped", "rows in/s", "dropped/s"),
+        left={"stage"},
     )
-    for column in ("stage", "rows in", "kept", "dropped", "rows in/s", "dropped/s"):
-        table.add_column(column, justify="left" if column == "stage" else "right")
     for name, s in snapshot["stages"].items():
         table.add_row(
             name,
@@ -198,17 +206,11 @@ def progress(
 def print_summary(manifest: dict[str, Any]) -> None:
     """The per-stage table: rows in, kept, dropped by reason, busy time."""
     seconds = manifest["run"]["stage_seconds"] | manifest["run"].get("global_stage_seconds", {})
-    table = Table(title=f"pipeline {manifest['pipeline']['name']}")
-    for column, justify in (
-        ("stage", "left"),
-        ("type", "left"),
-        ("rows in", "right"),
-        ("kept", "right"),
-        ("dropped", "right"),
-        ("drop reasons", "left"),
-        ("time s", "right"),
-    ):
-        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    table = new_table(
+        f"pipeline {manifest['pipeline']['name']}",
+        ("stage", "type", "rows in", "kept", "dropped", "drop reasons", "time s"),
+        left={"stage", "type", "drop reasons"},
+    )
     for s in manifest["stages"]:
         reasons = "\n".join(f"{k} {v:,}" for k, v in s["reasons"].items()) or "-"
         table.add_row(
@@ -619,17 +621,11 @@ def _top(counts: dict[str, int], k: int = 3) -> str:
 
 
 def _stats_funnel(run: Any) -> Table:
-    table = Table(title=f"pipeline {run.manifest['pipeline']['name']}: stage funnel")
-    for column, justify in (
-        ("stage", "left"),
-        ("type", "left"),
-        ("rows in", "right"),
-        ("kept", "right"),
-        ("dropped", "right"),
-        ("% dropped", "right"),
-        ("top reasons", "left"),
-    ):
-        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    table = new_table(
+        f"pipeline {run.manifest['pipeline']['name']}: stage funnel",
+        ("stage", "type", "rows in", "kept", "dropped", "% dropped", "top reasons"),
+        left={"stage", "type", "top reasons"},
+    )
     for s in run.manifest["stages"]:
         share = s["dropped"] / s["rows_in"] if s["rows_in"] else 0.0
         table.add_row(
@@ -647,11 +643,11 @@ def _stats_funnel(run: Any) -> Table:
 def _stats_sinks(run: Any) -> Table:
     from curate.stats import quantile
 
-    table = Table(title="outputs (text lengths: p10 / p50 / p90)")
-    for column in ("sink", "format", "shards", "rows", "MiB", "tokens", "chars", "words", "lang"):
-        table.add_column(
-            column, justify="left" if column in ("sink", "format", "lang") else "right"
-        )
+    table = new_table(
+        "outputs (text lengths: p10 / p50 / p90)",
+        ("sink", "format", "shards", "rows", "MiB", "tokens", "chars", "words", "lang"),
+        left={"sink", "format", "lang"},
+    )
     sinks = run.manifest["pipeline"]["spec"]["sinks"]
     for name, rec in run.summary["sinks"].items():
         text = rec.get("text", {})
@@ -676,9 +672,11 @@ def _stats_sinks(run: Any) -> Table:
 def _stats_scores(run: Any) -> Table:
     from curate.stats import mean, quantile
 
-    table = Table(title="numeric columns: kept rows (sinks) and dropped rows (value when dropped)")
-    for column in ("column", "kept", "min", "p50", "mean", "max", "dropped", "dropped p50"):
-        table.add_column(column, justify="left" if column == "column" else "right")
+    table = new_table(
+        "numeric columns: kept rows (sinks) and dropped rows (value when dropped)",
+        ("column", "kept", "min", "p50", "mean", "max", "dropped", "dropped p50"),
+        left={"column"},
+    )
     for name in run.score_columns():
         kept, dropped = run.kept(name), run.dropped(name)
         table.add_row(
@@ -700,10 +698,9 @@ def _stats_mixture(run: Any, stage: dict[str, Any]) -> Table:
     summary = stage["summary"]
     unit = summary.get("unit", "tokens")
     title = f"mix stage {stage['name']}: budget {_num(summary.get('budget'))} {unit}"
-    table = Table(title=title)
     names = ("component", "weight", "target", f"achieved ({unit})", "rows", "tokens")
-    for column in (*names, "repetition", "unmet", "sink rows", "sink tokens"):
-        table.add_column(column, justify="left" if column in ("component", "unmet") else "right")
+    columns = (*names, "repetition", "unmet", "sink rows", "sink tokens")
+    table = new_table(title, columns, left={"component", "unmet"})
     mine = [r for r in run.mixture_table().to_pylist() if r["stage"] == stage["name"]]
     for c in mine:
         table.add_row(
@@ -788,11 +785,11 @@ def _arrow(pair: list[Any]) -> str:
 
 
 def _diff_stages(rows: list[dict[str, Any]]) -> Table:
-    table = Table(title="stages (A → B)")
-    for column in ("stage", "type", "rows in", "kept", "dropped", "reasons that changed"):
-        table.add_column(
-            column, justify="right" if column in ("rows in", "kept", "dropped") else "left"
-        )
+    table = new_table(
+        "stages (A → B)",
+        ("stage", "type", "rows in", "kept", "dropped", "reasons that changed"),
+        left={"stage", "type", "reasons that changed"},
+    )
     for s in rows:
         reasons = "\n".join(f"{r} {_arrow(v)}" for r, v in s["reasons"].items()) or "-"
         table.add_row(
@@ -805,9 +802,11 @@ def _diff_stages(rows: list[dict[str, Any]]) -> Table:
 
 
 def _diff_outputs(outputs: dict[str, Any], records: dict[str, Any]) -> Table:
-    table = Table(title="outputs (A → B); records by id")
-    for column in ("sink", "shards", "rows", "bytes", "removed", "added", "in both"):
-        table.add_column(column, justify="left" if column == "sink" else "right")
+    table = new_table(
+        "outputs (A → B); records by id",
+        ("sink", "shards", "rows", "bytes", "removed", "added", "in both"),
+        left={"sink"},
+    )
     for sink, o in outputs.items():
         r = records.get(sink, {})
         table.add_row(
