@@ -24,6 +24,22 @@ def ray_local() -> Iterator[None]:
         ray.shutdown()
 
 
+#: Run files that legitimately differ between runs of the same inputs (state, timings).
+RUN_FILES = ("_commits/", "_work/", "_cache/", "_state/", "_progress.json", ".")
+
+
+def comparable(rel: str, data: bytes) -> bytes | None:
+    """What of a run's file ``rel`` must be byte-identical between runs: None for run
+    files, the manifest without its ``run`` key (timings, hosts), anything else whole."""
+    if rel.startswith(RUN_FILES):
+        return None
+    if rel == "manifest.json":
+        manifest = json.loads(data)
+        manifest.pop("run")
+        return json.dumps(manifest, sort_keys=True).encode()
+    return data
+
+
 def user_files(root: Path) -> dict[str, bytes]:
     """Every file a user reads in a run's output (shards, rejects, indexes), and the
     manifest without its ``run`` key: what must be byte-identical between runs
@@ -31,15 +47,10 @@ def user_files(root: Path) -> dict[str, bytes]:
     out = {}
     for path in sorted(root.rglob("*")):
         rel = path.relative_to(root).as_posix()
-        if not path.is_file() or rel.startswith(
-            ("_commits/", "_work/", "_cache/", "_state/", "_progress.json", ".")
-        ):
+        if not path.is_file() or rel.startswith(RUN_FILES):
             continue
-        data = path.read_bytes()
-        if rel == "manifest.json":
-            manifest = json.loads(data)
-            manifest.pop("run")
-            data = json.dumps(manifest, sort_keys=True).encode()
+        data = comparable(rel, path.read_bytes())
+        assert data is not None
         out[rel] = data
     return out
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import RUN_FILES, comparable
 from test_s3 import BUCKET, SECRET, s3_endpoint
 
 from curate.io import storage
@@ -197,13 +198,10 @@ def s3_user_files(prefix: str, opts: StorageOptions) -> dict[str, bytes]:
     found = {}
     for info in storage.list_prefix(prefix, opts):
         rel = storage.relative(info.uri, prefix)
-        if rel.startswith(("_commits/", "_work/", "_cache/", "_state/", "_progress.json", ".")):
+        if rel.startswith(RUN_FILES):
             continue
-        data = storage.read_bytes(info.uri, opts)
-        if rel == "manifest.json":
-            manifest = json.loads(data)
-            manifest.pop("run")
-            data = json.dumps(manifest, sort_keys=True).encode()
+        data = comparable(rel, storage.read_bytes(info.uri, opts))
+        assert data is not None
         found[rel] = data
     return found
 
