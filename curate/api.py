@@ -22,7 +22,7 @@ from curate.lineage.manifest import (
     write_manifest,
 )
 from curate.progress import Listener
-from curate.runner import Runner, cluster_resources, node_resources, ray_version
+from curate.runner import Runner, cluster_resources, live_nodes, node_resources, ray_version
 from curate.stats import RunStats, write_run_stats
 
 
@@ -133,9 +133,7 @@ def cluster_nodes() -> list[dict[str, Any]]:
     custom resources, plus its id and address.  Sorted (head first, then by address
     and id) so that manifests of runs on one cluster list nodes in the same order; it
     lives under ``run`` because ids and addresses change from cluster to cluster."""
-    import ray
-
-    nodes = [_node_row(n) for n in ray.nodes() if n.get("Alive")]  # type: ignore[no-untyped-call]
+    nodes = [_node_row(n) for n in live_nodes()]
     return sorted(nodes, key=lambda n: (not n["head"], n["address"], n["node_id"]))
 
 

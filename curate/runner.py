@@ -103,10 +103,15 @@ def ray_version() -> str:
     return str(ray.__version__)
 
 
+def live_nodes() -> list[dict[str, Any]]:
+    """Ray's description of every live node of the connected cluster."""
+    nodes = ray.nodes()  # type: ignore[no-untyped-call]
+    return [n for n in nodes if n.get("Alive")]
+
+
 def node_resources() -> list[dict[str, float]]:
     """Resources of every live node of the connected Ray cluster."""
-    nodes = ray.nodes()  # type: ignore[no-untyped-call]
-    return [dict(n.get("Resources", {})) for n in nodes if n.get("Alive")]
+    return [dict(n.get("Resources", {})) for n in live_nodes()]
 
 
 @dataclass(frozen=True)
@@ -894,11 +899,10 @@ class Runner:
         last: bool,
     ) -> ray.data.Dataset:
         """One fused group of map stages as a ``map_batches`` over an actor pool."""
-        base = str(Path(self.plan.pipeline.base_dir).resolve())
         return ds.map_batches(
             StageGroup,
             fn_constructor_args=(
-                [StageRef.of(b, base) for b in bound],
+                [self._stage_ref(b) for b in bound],
                 self.plan.pipeline.spec.seed,
                 self.layout,
                 targets if last else [],
@@ -910,6 +914,10 @@ class Runner:
             zero_copy_batch=True,
             **_ray_args(resources, n_units, n_groups),
         )
+
+    def _stage_ref(self, bound: BoundStage) -> StageRef:
+        """A stage as data for its workers, relative paths against the pipeline folder."""
+        return StageRef.of(bound, str(Path(self.plan.pipeline.base_dir).resolve()))
 
     def _mark_done(self, segment: Segment) -> None:
         for kind, name in segment.targets:
@@ -938,9 +946,7 @@ class Runner:
         shuffled = time.perf_counter()
         reports = reshuffle(
             reads,
-            StageRef.of(
-                self.plan.pipeline.stages[name], str(Path(self.plan.pipeline.base_dir).resolve())
-            ),
+            self._stage_ref(self.plan.pipeline.stages[name]),
             self.plan.pipeline.spec.seed,
             self.layout,
             self.units[name],
