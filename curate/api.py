@@ -7,7 +7,7 @@ import platform
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 from curate.config.load import Pipeline, load_pipeline
 from curate.dag import Plan, build_plan
@@ -66,18 +66,26 @@ class OutputExistsError(FileExistsError):
     """The output folder holds files; a run never mixes its shards with older ones."""
 
 
+def output_state(out: str, opts: StorageOptions = LOCAL) -> Literal["empty", "run", "foreign"]:
+    """``empty`` (or only a kept stage cache), ``run`` (a curate run, finished or not),
+    or ``foreign`` (files that are not a curate run's)."""
+    entries = {
+        storage.relative(f.uri, out).split("/", 1)[0] for f in storage.list_prefix(out, opts)
+    }
+    if not entries or entries <= set(KEPT_ON_OVERWRITE):
+        return "empty"
+    return "run" if RUN_MARKER in entries or "manifest.json" in entries else "foreign"
+
+
 def prepare_output(
     out: str, overwrite: bool, resume: bool = False, opts: StorageOptions = LOCAL
 ) -> None:
     """Refuse a non-empty output folder, or with ``overwrite`` empty one that holds a run
     (keeping its stage cache); with ``resume`` keep it and clear what killed writers left."""
-    entries = {
-        storage.relative(f.uri, out).split("/", 1)[0] for f in storage.list_prefix(out, opts)
-    }
-    if not entries or entries <= set(KEPT_ON_OVERWRITE):
+    state = output_state(out, opts)
+    if state == "empty":
         return
-    is_run = RUN_MARKER in entries or "manifest.json" in entries
-    if not is_run:
+    if state == "foreign":
         raise OutputExistsError(
             f"output folder {out} holds files that are not a curate run "
             f"(no {RUN_MARKER} or manifest.json); choose another --output"

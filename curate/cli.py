@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import sys
 from collections.abc import Callable, Collection, Iterator, Sequence
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 from rich.console import Console
@@ -97,6 +97,7 @@ def run(
     from curate.io.storage import StorageError
     from curate.lineage.accounting import AccountingError
     from curate.lineage.commits import ResumeError
+    from curate.lineage.quarantine import TooManyErrors
     from curate.runner import ResourceError
 
     if resume and overwrite:
@@ -116,7 +117,9 @@ def run(
     except Exception as exc:
         # Ray re-raises a worker's error wrapped (RayTaskError, Ray Data's
         # UserCodeException): show ours as it is, anything else with its traceback.
-        cause = _original(exc, (InputError, AccountingError, SinkError, StorageError))
+        cause = _original(
+            exc, (InputError, AccountingError, SinkError, StorageError, TooManyErrors)
+        )
         if cause is None:
             raise
         err.print("[bold red]error:[/]", end=" ")
@@ -434,6 +437,20 @@ def submit_command(
     follow: Annotated[
         bool, typer.Option("--follow", "-f", help="Stream the job's logs until it ends")
     ] = False,
+    resume: Annotated[
+        bool, typer.Option(help="Finish the partial run in the output (a stopped or failed job)")
+    ] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace the run in the output (its stage cache is kept)")
+    ] = False,
+    placement_check: Annotated[
+        bool,
+        typer.Option(
+            help="Refuse a stage that no live node can hold (turn off for an autoscaling "
+            "cluster whose node type for it is not up yet: the job checks again against "
+            "the autoscaler's node types)"
+        ),
+    ] = True,
 ) -> None:
     """Run a pipeline on a Ray cluster through the Jobs API.
 
@@ -452,9 +469,16 @@ def submit_command(
     from curate import cluster
     from curate.api import check
 
-    if no_wait and follow:
-        err.print("[bold red]error:[/] --no-wait and --follow contradict each other")
-        raise typer.Exit(2)
+    for a, b, name_a, name_b in (
+        (no_wait, follow, "no-wait", "follow"),
+        (resume, overwrite, "resume", "overwrite"),
+    ):
+        if a and b:
+            err.print(f"[bold red]error:[/] --{name_a} and --{name_b} contradict each other")
+            raise typer.Exit(2)
+    mode: Literal["resume", "overwrite"] | None = (
+        "resume" if resume else "overwrite" if overwrite else None
+    )
     path = Path(pipeline).resolve()
     try:
         with ctx.chdir(path.parent):  # --set paths resolve as they will in the job
@@ -463,9 +487,17 @@ def submit_command(
         _report(exc)
         raise typer.Exit(1) from None
     try:
-        target = _submit_output(plan, output, shared_path)
+        target = _submit_output(plan, output, shared_path, mode)
+        if placement_check:
+            stages = {name: b.resources for name, b in plan.pipeline.stages.items()}
+            problems = cluster.placement_problems(address, stages)
+            if problems:
+                raise cluster.ClusterError(
+                    "; ".join(problems) + " (nothing was submitted; --no-placement-check "
+                    "submits anyway, for an autoscaling cluster)"
+                )
         lock = Path(pip_lock).resolve() if pip_lock else None
-        job_id = cluster.submit(address, path, target, set_, lock)
+        job_id = cluster.submit(address, path, target, set_, lock, mode)
     except (cluster.ClusterError, OSError) as exc:
         raise _cluster_error(exc) from None
     out.print(f"submitted job {job_id} to {address}: output {target}", highlight=False)
@@ -494,11 +526,17 @@ def _print_remote_summary(target: str, opts: Any) -> None:
     out.print(f"output: {target}", highlight=False)
 
 
-def _submit_output(plan: Any, output: str | None, shared_path: bool) -> str:
+def _submit_output(plan: Any, output: str | None, shared_path: bool, mode: str | None) -> str:
     """The output a submitted job writes: ``--output`` or the file's ``output:``, shared
-    storage only, and empty (a job would fail on a non-empty one, after its start-up)."""
+    storage only; empty, or with ``mode`` a curate run (``resume``: a partial run of
+    this spec and these inputs). Checked here when this machine can read the output,
+    so that the job does not fail on it after its start-up."""
     from curate import cluster
+    from curate.api import output_state, run_identity
     from curate.io import storage
+    from curate.io.layout import Layout
+    from curate.io.storage import StorageError
+    from curate.lineage.commits import ResumeError, check_resumable
 
     given = output or plan.pipeline.spec.output
     if given is None:
@@ -506,8 +544,26 @@ def _submit_output(plan: Any, output: str | None, shared_path: bool) -> str:
     if output is None and not storage.is_s3(given):
         given = str(plan.pipeline.base_dir / given)
     target = cluster.shared_output(given, shared_path)
-    if storage.list_prefix(target, plan.pipeline.spec.storage.options()):
-        raise cluster.ClusterError(f"output {target} is not empty; choose another --output")
+    opts = plan.pipeline.spec.storage.options()
+    try:
+        state = output_state(target, opts)
+    except StorageError as exc:  # no credentials here, say: the job finds out
+        err.print(f"(cannot check {target} from here: {exc})", highlight=False)
+        return target
+    if state == "foreign":
+        raise cluster.ClusterError(
+            f"output {target} holds files that are not a curate run; choose another --output"
+        )
+    if mode is None and state != "empty":
+        raise cluster.ClusterError(
+            f"output {target} is not empty; pass --resume to finish the run in it, "
+            "--overwrite to replace it, or choose another --output"
+        )
+    if mode == "resume":
+        try:
+            check_resumable(Layout(target, opts), run_identity(plan))
+        except ResumeError as exc:
+            raise cluster.ClusterError(str(exc)) from None
     return target
 
 

@@ -10,16 +10,23 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 T = TypeVar("T")
 
 
-def entrypoint(pipeline: str, output: str, overrides: list[str] | None = None) -> list[str]:
+def entrypoint(
+    pipeline: str,
+    output: str,
+    overrides: list[str] | None = None,
+    *,
+    mode: Literal["resume", "overwrite"] | None = None,
+) -> list[str]:
     """The argv a Ray job runs for ``pipeline`` writing to ``output``.
 
     ``python -m curate.cli run PIPELINE --output OUTPUT --address auto``, then one
-    ``--set OVERRIDE`` pair per override, in order. ``--address auto`` makes the
+    ``--set OVERRIDE`` pair per override, in order, then ``--resume`` or
+    ``--overwrite`` when ``mode`` says so. ``--address auto`` makes the
     driver join the cluster the job runs on instead of starting its own Ray.
     ``pipeline`` is a path inside the job's working directory (the runtime
     environment carries the pipeline folder); ``output`` must be storage every node
@@ -37,6 +44,8 @@ def entrypoint(pipeline: str, output: str, overrides: list[str] | None = None) -
     argv += ["--address", "auto"]
     for override in overrides or []:
         argv += ["--set", override]
+    if mode is not None:
+        argv.append(f"--{mode}")
     return argv
 
 
@@ -188,12 +197,53 @@ def runtime_env(pipeline_dir: Path, package: Path, pip_lock: Path | None) -> dic
     return env
 
 
+def live_nodes(address: str) -> list[dict[str, Any]]:
+    """The live nodes of the cluster behind the Jobs API at ``address``, as the
+    dashboard's state API (``GET /api/v0/nodes``) describes them."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    token = auth_token()
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    url = f"{address.rstrip('/')}/api/v0/nodes?limit=10000"
+    request = urllib.request.Request(url, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            body = json.load(response)
+    except urllib.error.HTTPError as exc:
+        if exc.code in (401, 403):
+            raise ClusterError(
+                f"{address}: authentication failed: the token was rejected (set "
+                "RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH, or put the cluster's token in "
+                "~/.ray/auth_token)"
+            ) from None
+        raise ClusterError(
+            f"{address}: cannot list the cluster's nodes (HTTP {exc.code})"
+        ) from None
+    except (OSError, ValueError):
+        raise ClusterError(
+            f"cannot reach the Ray Jobs API at {address} (is the dashboard up?)"
+        ) from None
+    nodes: list[dict[str, Any]] = body.get("data", {}).get("result", {}).get("result", [])
+    return nodes
+
+
+def placement_problems(address: str, stages: dict[str, Any]) -> list[str]:
+    """Stages (name -> :class:`curate.stage.Resources`) whose actor fits no live node of
+    the cluster at ``address``: :func:`curate.placement.unplaceable` on its nodes."""
+    from curate.placement import shapes_from_state_api, unplaceable
+
+    return unplaceable(stages, shapes_from_state_api(live_nodes(address)))
+
+
 def submit(
     address: str,
     pipeline: Path,
     output: str,
     overrides: list[str] | None,
     pip_lock: Path | None = None,
+    mode: Literal["resume", "overwrite"] | None = None,
 ) -> str:
     """Submit ``pipeline`` (already checked) as a Ray job writing to ``output``; return
     the job id.  The entry point is :func:`entrypoint`, run in the pipeline's folder."""
@@ -204,7 +254,7 @@ def submit(
     client = jobs_client(address)
     name = pipeline.stem.replace("_", "-")
     job_id = f"curate-{name}-{uuid.uuid4().hex[:8]}"
-    argv = entrypoint(pipeline.name, output, overrides)
+    argv = entrypoint(pipeline.name, output, overrides, mode=mode)
     with tempfile.TemporaryDirectory(prefix="curate-submit-") as tmp:
         env = runtime_env(pipeline.parent, staged_package(Path(tmp)), pip_lock)
         metadata = {"curate_pipeline": pipeline.name, "curate_output": output}

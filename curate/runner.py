@@ -34,7 +34,13 @@ import ray.data
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-from curate.config.model import BoundStage, ExecutionSpec, SinkSpec, SourceSpec
+from curate.config.model import (
+    DEFAULT_MAX_ERRORS,
+    BoundStage,
+    ExecutionSpec,
+    SinkSpec,
+    SourceSpec,
+)
 from curate.dag import Plan, Segment
 from curate.io import storage
 from curate.io.files import Unit, WrittenFile, plan_units, write_parquet_atomic
@@ -68,6 +74,7 @@ from curate.lineage.commits import (
     global_summary,
     write_commit,
 )
+from curate.lineage.quarantine import OnError, Quarantine, error_reason
 from curate.progress import Listener, Progress
 from curate.registry import get_stage_class, load_plugins, plugin_locations
 from curate.shuffle import concat, group_starts, hash_shuffle, split
@@ -97,6 +104,20 @@ class ResourceError(RuntimeError):
 def cluster_resources() -> dict[str, float]:
     """Total resources of the connected Ray cluster."""
     return dict(ray.cluster_resources())  # type: ignore[no-untyped-call]
+
+
+def cluster_gpus() -> float:
+    """GPUs the connected cluster has, or can get when it autoscales: the most of
+    the live nodes' total and what its autoscaler's node types may add up to (so
+    ``num_gpus: auto`` means a GPU on a cluster whose GPU nodes start on demand)."""
+    live = float(cluster_resources().get("GPU", 0.0))
+    try:
+        from ray._private.state import state
+
+        possible = (state.get_max_resources_from_cluster_config() or {}).get("GPU", 0)
+    except Exception:  # a private API: without it, live nodes only
+        possible = 0
+    return max(live, float(possible))
 
 
 def ray_version() -> str:
@@ -305,9 +326,20 @@ def split_trailer(block: pa.Table) -> tuple[pa.Table, int, list[dict[str, Any]]]
 
 
 def run_stage(
-    name: str, stage: Stage, batch_size: int | None, unit: int, layout: Layout, block: pa.Table
+    name: str,
+    stage: Stage,
+    batch_size: int | None,
+    unit: int,
+    layout: Layout,
+    block: pa.Table,
+    on_error: OnError,
 ) -> tuple[pa.Table, dict[str, Any]]:
-    """Run one map stage on a unit's rows; write its rejects; return kept rows and report."""
+    """Run one map stage on a unit's rows; write its rejects; return kept rows and report.
+
+    A batch whose call raises is run again by halves, and a row that raises alone is
+    quarantined with ``on_error.reason`` (:mod:`curate.lineage.quarantine`); a batch
+    that does not raise costs nothing more than the call.
+    """
     start = time.perf_counter()
     rows_in = block.num_rows
     slices = (
@@ -315,14 +347,41 @@ def run_stage(
         if not batch_size
         else [block.slice(i, batch_size) for i in range(0, max(rows_in, 1), batch_size)]
     )
-    kept_parts, reject_parts = [], []
+    kept_parts: list[pa.Table] = []
+    reject_parts: list[pa.Table] = []
     before = (dict(stage.counters()), dict(stage.run_counters()))
-    for part in slices:
-        kept, rejects = _run_one(name, stage, part)
+    quarantine: Quarantine | None = None
+    for i, part in enumerate(slices):
+        mark = dict(stage.counters()) if i else before[0]
+        try:
+            kept, rejects = _run_one(name, stage, part)
+        except AccountingError:
+            raise  # a broken contract of the stage, not a poisoned row
+        except Exception as exc:
+            if quarantine is None:
+                quarantine = Quarantine(
+                    name,
+                    on_error.reason,
+                    unit,
+                    rows_in,
+                    on_error.max_errors,
+                    functools.partial(_run_one, name, stage),
+                    stage.counters,
+                )
+            quarantine.recover(part, exc, mark, kept_parts, reject_parts)
+            continue
         kept_parts.append(kept)
         reject_parts.append(rejects)
-    kept = pa.concat_tables(kept_parts)
-    rejects = pa.concat_tables(reject_parts)
+    if quarantine is None:
+        kept = pa.concat_tables(kept_parts)
+        rejects = pa.concat_tables(reject_parts)
+    else:  # halves may type an all-null column differently; every row may be gone
+        kept = (
+            pa.concat_tables(kept_parts, promote_options="default")
+            if kept_parts
+            else block.slice(0, 0)
+        )
+        rejects = pa.concat_tables(reject_parts) if reject_parts else REJECT_SCHEMA.empty_table()
     rows_out = None
     if isinstance(stage, Generator):  # new rows: positions in the unit start again at 0
         kept = set_column(kept, POS, pa.array(np.arange(kept.num_rows, dtype=np.int64)))
@@ -338,12 +397,18 @@ def run_stage(
         written,
         details=stage.reason_details,
         rows_out=rows_out,
+        full=(on_error.reason,),
     )
-    for key, now, then in (
-        ("counters", stage.counters(), before[0]),
-        ("run_counters", stage.run_counters(), before[1]),
+    # Deterministic counters leave out what calls that raised counted (their rows
+    # were counted again by the calls on their halves, see Quarantine.wasted);
+    # run counters keep all the work done.
+    wasted: dict[str, int] = dict(quarantine.wasted) if quarantine is not None else {}
+    for key, now, then, less in (
+        ("counters", stage.counters(), before[0], wasted),
+        ("run_counters", stage.run_counters(), before[1], {}),
     ):
-        grown = {k: v - then.get(k, 0) for k, v in sorted(now.items()) if v != then.get(k, 0)}
+        grown = {k: v - then.get(k, 0) - less.get(k, 0) for k, v in sorted(now.items())}
+        grown = {k: v for k, v in grown.items() if v}
         if grown:
             report[key] = grown
     return kept, report
@@ -493,11 +558,22 @@ class StageRef:
     batch_size: int | None
     #: Absolute folder the stage's relative paths (models) are resolved against.
     base_dir: str = "."
+    #: ``execution.max_errors``: rows of a unit the stage may quarantine for raising.
+    max_errors: int | str = DEFAULT_MAX_ERRORS
 
     @classmethod
-    def of(cls, bound: BoundStage, base_dir: str = ".") -> StageRef:
+    def of(
+        cls, bound: BoundStage, base_dir: str = ".", max_errors: int | str = DEFAULT_MAX_ERRORS
+    ) -> StageRef:
         params = bound.config.model_dump(mode="json", by_alias=True)
-        return cls(bound.name, bound.type, params, bound.resources.batch_size, base_dir)
+        return cls(
+            bound.name, bound.type, params, bound.resources.batch_size, base_dir, max_errors
+        )
+
+    def on_error(self) -> OnError:
+        """What the stage's exception on a row makes of the row (a ``<type>:error``
+        reject) and how many such rows of a unit the run tolerates."""
+        return OnError(error_reason(self.type), self.max_errors)
 
     def build(self, seed: int, layout: Layout | None = None) -> Stage:
         stage_cls = get_stage_class(self.type)
@@ -527,7 +603,9 @@ class StageGroup:
         # Plugin classes cannot travel pickled (a fresh worker may not import their
         # module before unpickling), so stages travel as plain data and are rebuilt here.
         load_plugins(plugins)
-        self.stages = [(ref.name, ref.build(seed, layout), ref.batch_size) for ref in stages]
+        self.stages = [
+            (ref.name, ref.build(seed, layout), ref.batch_size, ref.on_error()) for ref in stages
+        ]
         self.layout = layout
         self.targets = targets
         self.segment = segment
@@ -536,7 +614,7 @@ class StageGroup:
         #: call as the original exception, which the CLI can show as it is.
         self.setup_error: Exception | None = None
         try:
-            for _, stage, _ in self.stages:
+            for _, stage, _, _ in self.stages:
                 stage.setup()
         except Exception as exc:
             self.setup_error = exc
@@ -545,10 +623,10 @@ class StageGroup:
         if self.setup_error is not None:
             raise self.setup_error
         live, unit, reports = split_trailer(block)
-        for name, stage, batch_size in self.stages:
+        for name, stage, batch_size, on_error in self.stages:
             if live.num_rows == 0:
                 break  # nothing left to do; the writer gives the unit its full schema
-            live, report = run_stage(name, stage, batch_size, unit, self.layout, live)
+            live, report = run_stage(name, stage, batch_size, unit, self.layout, live, on_error)
             reports.append(report)
         if self.targets:
             return write_targets(live, unit, self.targets, self.layout, reports, self.segment)
@@ -651,17 +729,12 @@ class Runner:
         return [found[i] for i in sorted(found)]
 
     def check_resources(self) -> None:
-        """Fail now, not hang later, when no node can hold one actor of a stage."""
-        nodes = node_resources()
-        gpus = cluster_resources().get("GPU", 0.0)
-        problems = []
-        for name, bound in self.plan.pipeline.stages.items():
-            need = {"CPU": bound.resources.num_cpus, "GPU": bound.resources.gpus(gpus)}
-            if not any(all(node.get(k, 0.0) >= v for k, v in need.items() if v) for node in nodes):
-                problems.append(
-                    f"stage {name!r} asks for {need} per actor; no node of this "
-                    "Ray cluster has that much"
-                )
+        """Fail now, not hang later, when no node the cluster has or can start (its
+        autoscaler's node types) can hold one actor of a stage."""
+        from curate.placement import shapes_from_ray, unplaceable
+
+        stages = {name: b.resources for name, b in self.plan.pipeline.stages.items()}
+        problems = unplaceable(stages, shapes_from_ray())
         if problems:
             raise ResourceError("; ".join(problems))
 
@@ -822,7 +895,7 @@ class Runner:
         CPU), every group is fused into one pool of actors of at least 1 CPU (the
         largest request of each kind), rather than waiting forever for a CPU.
         """
-        total_gpus = cluster_resources().get("GPU", 0.0)
+        total_gpus = cluster_gpus()
         groups: list[tuple[list[BoundStage], Resources]] = []
         for names in segment.groups:
             bound = [self.plan.pipeline.stages[n] for n in names]
@@ -835,11 +908,17 @@ class Runner:
         cpus = cluster_resources().get("CPU", 1.0)
         first = groups[0][1] if groups else None
         read = 0.0 if first is not None and first.num_cpus == 1 and not first.num_gpus else 1.0
-        if len(groups) > 1 and sum(_pinned_cpus(r) for _, r in groups) + read > cpus:
+        pinned = {tuple(r.custom.items()) for _, r in groups}
+        if (
+            len(groups) > 1
+            and len(pinned) == 1  # pools pinned to different node types stay apart
+            and sum(_pinned_cpus(r) for _, r in groups) + read > cpus
+        ):
             merged = [b for group, _ in groups for b in group]
             biggest = Resources(
                 num_cpus=max(1.0, *(r.num_cpus for _, r in groups)),
                 num_gpus=max(float(r.num_gpus) for _, r in groups),
+                custom=groups[0][1].custom,
             )
             groups = [(merged, biggest)]
         return groups
@@ -917,7 +996,8 @@ class Runner:
 
     def _stage_ref(self, bound: BoundStage) -> StageRef:
         """A stage as data for its workers, relative paths against the pipeline folder."""
-        return StageRef.of(bound, str(Path(self.plan.pipeline.base_dir).resolve()))
+        base_dir = str(Path(self.plan.pipeline.base_dir).resolve())
+        return StageRef.of(bound, base_dir, self.execution.max_errors)
 
     def _mark_done(self, segment: Segment) -> None:
         for kind, name in segment.targets:
@@ -1124,7 +1204,7 @@ def _pinned_cpus(res: Resources) -> float:
 def _ray_args(res: Resources, n_units: int, n_groups: int) -> dict[str, Any]:
     """Ray resources and pool size of a group's actors."""
     args: dict[str, Any] = {"num_cpus": res.num_cpus}
-    total_gpus = cluster_resources().get("GPU", 0.0)
+    total_gpus = cluster_gpus()
     gpus = res.gpus(total_gpus)
     if gpus:
         # Ray Data refuses ``num_gpus`` without a ``batch_size``; a unit is one batch
@@ -1132,6 +1212,8 @@ def _ray_args(res: Resources, n_units: int, n_groups: int) -> dict[str, Any]:
         args["ray_remote_args_fn"] = functools.partial(_gpu_args, gpus)
     if res.memory:
         args["memory"] = int(res.memory)
+    if res.custom:
+        args["resources"] = dict(res.custom)
     if isinstance(res.concurrency, int):
         args["compute"] = ray.data.ActorPoolStrategy(size=res.concurrency)
     elif res.concurrency is not None:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 import numpy as np
 import pyarrow as pa
-from pydantic import BaseModel, ByteSize, ConfigDict, Field
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, field_validator
 
 from curate.io.storage import LOCAL, StorageOptions
 
@@ -62,10 +62,27 @@ class Resources(BaseModel):
     concurrency: int | tuple[int, int] | None = None
     #: Rows per call of ``process_batch``; None passes a whole unit at once.
     batch_size: int | None = Field(None, gt=0)
+    #: Ray custom resources per actor: ``{gpu_node: 0.01}`` runs the stage only on
+    #: nodes started with that resource (the node types in ``infra/`` carry
+    #: ``head_node``, ``cpu_node`` and ``gpu_node``).
+    custom: dict[str, Annotated[float, Field(gt=0)]] = Field(default_factory=dict)
+
+    @field_validator("custom")
+    @classmethod
+    def _custom_names(cls, value: dict[str, float]) -> dict[str, float]:
+        own = {"CPU": "num_cpus", "GPU": "num_gpus", "memory": "memory"}
+        for key in value:
+            if key in own:
+                raise ValueError(f"a custom resource, not {key!r} (use {own[key]})")
+            internal = key.startswith(("node:", "accelerator_type:", "object_store_memory"))
+            if not key or internal or key != key.strip():
+                raise ValueError(f"a resource name a stage can ask for, not {key!r}")
+        return dict(sorted(value.items()))
 
     def fusion_key(self) -> tuple[Any, ...]:
         """Consecutive stages with equal keys run in one actor."""
-        return (self.num_cpus, self.num_gpus, self.memory, self.concurrency)
+        custom = tuple(self.custom.items())
+        return (self.num_cpus, self.num_gpus, self.memory, self.concurrency, custom)
 
     def gpus(self, cluster_gpus: float) -> float:
         """GPUs per actor on a cluster with ``cluster_gpus`` GPUs in all."""

@@ -97,6 +97,9 @@ def test_entrypoint_overrides_in_order() -> None:
     argv = entrypoint("p.yaml", "out", ["seed=1", "stages.length.min_words=5"])
     assert argv[-4:] == ["--set", "seed=1", "--set", "stages.length.min_words=5"]
     assert entrypoint("p.yaml", "out", []) == entrypoint("p.yaml", "out")
+    resumed = entrypoint("p.yaml", "out", ["seed=1"], mode="resume")
+    assert resumed == [*entrypoint("p.yaml", "out", ["seed=1"]), "--resume"]
+    assert entrypoint("p.yaml", "out", mode="overwrite")[-1] == "--overwrite"
 
 
 def test_entrypoint_survives_the_shell() -> None:

@@ -234,7 +234,7 @@ def test_output_folder_is_never_mixed_with_an_older_run(project: Path, tmp_path:
 def test_a_stage_no_node_can_hold_fails_before_running(project: Path, tmp_path: Path) -> None:
     from curate.runner import ResourceError
 
-    with pytest.raises(ResourceError, match=r"stage 'stats' asks for .*'GPU': 1\.0"):
+    with pytest.raises(ResourceError, match=r"stage 'stats' asks for \{CPU: 1, GPU: 1\}"):
         run(str(project), str(tmp_path / "out"), ["stages.stats.resources.num_gpus=1"])
     assert not (tmp_path / "out" / "manifest.json").exists()
 
