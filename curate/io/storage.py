@@ -16,27 +16,49 @@ fsynced and renamed; an S3 object is one ``PutObject``, or for large data a
 multipart upload that becomes visible only when completed; an upload that
 fails is aborted, and one whose writer dies stays invisible (``abort_stale``
 clears it on the next ``--resume`` or ``--overwrite``).
+
+Every S3 request is retried here (botocore's own retries are off, so there is
+one budget): throttling (503 ``SlowDown``), server errors (5xx), dropped or
+refused connections and truncated bodies get up to ``max_attempts`` attempts
+with exponential back-off and jitter; a GET is retried with its body read, so a
+body cut off mid-way is fetched again, never returned short.  Every retried
+request is idempotent (a PUT of the same bytes, a part number, a delete); a
+completion whose answer was lost is recognized by the object's multipart ETag.
+A request that keeps failing, or fails for good (403, 404), raises a one-line
+:class:`StorageError` naming the URI and S3's error code: never a credential,
+a header or a signed URL, which is also all a retry logs.
 """
 
 from __future__ import annotations
 
 import functools
 import glob
+import hashlib
 import io
+import logging
 import os
 import posixpath
+import random
 import re
 import shutil
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class StorageError(OSError):
     """A storage operation failed; the message names the URI and never a credential."""
+
+    #: S3's error code (``SlowDown``, ``NoSuchKey``) or the failure's kind
+    #: (``ConnectionClosedError``); None for local files.
+    code: str | None = None
 
 
 class MissingObjectError(StorageError, FileNotFoundError):
@@ -54,6 +76,12 @@ class StorageOptions:
     multipart_threshold: int = 64 * 2**20
     #: Size of each part of a multipart upload (S3's minimum is 5 MiB).
     part_size: int = 16 * 2**20
+    #: Attempts per S3 request, the first included, while it fails transiently.
+    max_attempts: int = 8
+    #: Back-off before the first retry, doubled for each further one up to
+    #: ``max_backoff_s``; each wait is drawn between half and all of it (jitter).
+    backoff_s: float = 0.1
+    max_backoff_s: float = 10.0
 
 
 LOCAL = StorageOptions()
@@ -114,7 +142,9 @@ def _client(endpoint_url: str | None, region: str | None) -> Any:
     import boto3
     from botocore.config import Config
 
-    config = Config(retries={"max_attempts": 5, "mode": "standard"}, max_pool_connections=32)
+    # One attempt per call: _retrying retries every request, bodies included, with the
+    # pipeline's budget and back-off (botocore's retries would multiply the attempts).
+    config = Config(retries={"total_max_attempts": 1, "mode": "standard"}, max_pool_connections=32)
     session = boto3.session.Session()
     return session.client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
 
@@ -129,17 +159,139 @@ def client(opts: StorageOptions) -> Any:
         ) from None
 
 
-def _s3_error(uri: str, action: str, exc: Exception) -> StorageError:
-    code = getattr(exc, "response", {}).get("Error", {}).get("Code", type(exc).__name__)
-    if code in ("NoSuchKey", "404", "NotFound"):
-        return MissingObjectError(f"{uri}: cannot {action} ({code})")
-    return StorageError(f"{uri}: cannot {action} ({code})")
+class _TransientError(Exception):
+    """A failure S3 answered with 200: a body shorter than announced, per-key errors of
+    a batch delete."""
+
+    def __init__(self, code: str) -> None:
+        super().__init__(code)
+        self.code = code
 
 
-def _botocore_errors() -> tuple[type[Exception], ...]:
+#: S3 error codes worth another attempt: throttling and transient server states.
+_RETRY_CODES = frozenset(
+    {
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "ThrottledException",
+        "RequestThrottled",
+        "RequestThrottledException",
+        "TooManyRequestsException",
+        "RequestLimitExceeded",
+        "BandwidthLimitExceeded",
+        "RequestTimeout",
+        "RequestTimeoutException",
+        "PriorRequestNotComplete",
+        "InternalError",
+        "ServiceUnavailable",
+        "OperationAborted",
+        "IncompleteBody",
+    }
+)
+
+
+def _code(exc: BaseException) -> str:
+    """S3's error code, else the failure's class name: never its message (botocore's
+    messages carry the endpoint URL, and could carry a signed one)."""
+    if isinstance(exc, _TransientError):
+        return exc.code
+    response = getattr(exc, "response", None)
+    code = response.get("Error", {}).get("Code") if isinstance(response, dict) else None
+    return str(code) if code else type(exc).__name__
+
+
+def _s3_error(uri: str, action: str, exc: BaseException, attempts: int = 1) -> StorageError:
+    code = _code(exc)
+    after = f" after {attempts} attempts" if attempts > 1 else ""
+    kind = MissingObjectError if code in ("NoSuchKey", "404", "NotFound") else StorageError
+    error = kind(f"{uri}: cannot {action} ({code}{after})")
+    error.code = code
+    return error
+
+
+def _botocore_errors() -> tuple[type[BaseException], ...]:
+    """What an S3 call can raise: botocore's errors, and transport errors that escape
+    it while a body is read."""
+    import http.client
+
     from botocore.exceptions import BotoCoreError, ClientError
+    from botocore.parsers import ResponseParserError
+    from urllib3.exceptions import HTTPError
 
-    return (BotoCoreError, ClientError)
+    return (
+        BotoCoreError,
+        ClientError,
+        ResponseParserError,
+        HTTPError,
+        http.client.HTTPException,
+        ConnectionError,
+    )
+
+
+def _retryable(exc: BaseException) -> bool:
+    from botocore.exceptions import (
+        BotoCoreError,
+        ChecksumError,
+        ClientError,
+        FlexibleChecksumError,
+        HTTPClientError,
+        IncompleteReadError,
+    )
+    from botocore.exceptions import ConnectionError as BotoConnectionError
+
+    if isinstance(exc, ClientError):
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        return _code(exc) in _RETRY_CODES or status == 429 or status >= 500
+    if isinstance(exc, _TransientError):
+        return exc.code in _RETRY_CODES
+    if isinstance(exc, BotoCoreError):  # not: no credentials, invalid parameters
+        return isinstance(
+            exc,
+            (
+                BotoConnectionError,  # refused, timed out
+                HTTPClientError,  # closed before or while answering, read timeout
+                IncompleteReadError,  # a body shorter than its Content-Length
+                ChecksumError,
+                FlexibleChecksumError,
+            ),
+        )
+    return True  # a transport error from under botocore, an unparsable (cut) XML answer
+
+
+_jitter = random.Random()  # back-off only: no output depends on it
+
+
+def _backoff(opts: StorageOptions, attempt: int) -> float:
+    ceiling = min(opts.max_backoff_s, opts.backoff_s * 2.0 ** (attempt - 1))
+    return ceiling * (0.5 + 0.5 * _jitter.random())
+
+
+def _retrying(uri: str, action: str, opts: StorageOptions, call: Callable[[], T]) -> T:
+    """``call()``, again after a back-off while it fails transiently, at most
+    ``opts.max_attempts`` times in all; then (or at once for a permanent failure) a
+    one-line StorageError naming ``uri`` and the error code."""
+    caught: tuple[type[BaseException], ...] = (*_botocore_errors(), _TransientError)
+    attempt = 1
+    while True:
+        try:
+            return call()
+        except caught as exc:
+            if attempt >= opts.max_attempts or not _retryable(exc):
+                raise _s3_error(uri, action, exc, attempt) from None
+            delay = _backoff(opts, attempt)
+            log.log(
+                logging.WARNING if attempt >= 2 else logging.DEBUG,
+                "%s: cannot %s (%s), attempt %d of %d; retrying in %.2f s",
+                uri,
+                action,
+                _code(exc),
+                attempt,
+                opts.max_attempts,
+                delay,
+            )
+        time.sleep(delay)
+        attempt += 1
 
 
 # --- reading -----------------------------------------------------------------------
@@ -150,11 +302,15 @@ def read_bytes(uri: str, opts: StorageOptions = LOCAL) -> bytes:
         with open(uri, "rb") as handle:
             return handle.read()
     bucket, key = split_s3(uri)
-    try:
-        body = client(opts).get_object(Bucket=bucket, Key=key)["Body"]
-        data: bytes = body.read()
-    except _botocore_errors() as exc:
-        raise _s3_error(uri, "read", exc) from None
+    return _retrying(uri, "read", opts, functools.partial(_get, client(opts), bucket, key))
+
+
+def _get(s3: Any, bucket: str, key: str, **extra: str) -> bytes:
+    """One GET, its body read whole: a body cut off is an error, retried with the GET."""
+    response = s3.get_object(Bucket=bucket, Key=key, **extra)
+    data: bytes = response["Body"].read()
+    if len(data) != int(response.get("ContentLength", len(data))):
+        raise _TransientError("IncompleteBody")
     return data
 
 
@@ -187,13 +343,12 @@ class _S3Reader(io.RawIOBase):
         if self.pos >= self.size or not len(view):
             return 0
         end = min(self.size, self.pos + len(view)) - 1
-        try:
-            body = client(self.opts).get_object(
-                Bucket=self.bucket, Key=self.key, Range=f"bytes={self.pos}-{end}"
-            )["Body"]
-            data = body.read()
-        except _botocore_errors() as exc:
-            raise _s3_error(self.uri, "read", exc) from None
+        ranged = functools.partial(
+            _get, client(self.opts), self.bucket, self.key, Range=f"bytes={self.pos}-{end}"
+        )
+        data = _retrying(self.uri, "read", self.opts, ranged)
+        if len(data) != end + 1 - self.pos:  # the object changed since it was opened
+            raise StorageError(f"{self.uri}: cannot read (object size changed)")
         view[: len(data)] = data
         self.pos += len(data)
         return len(data)
@@ -210,10 +365,9 @@ def stat(uri: str, opts: StorageOptions = LOCAL) -> FileInfo:
     if not is_s3(uri):
         return _local_info(uri, os.stat(uri))
     bucket, key = split_s3(uri)
-    try:
-        head = client(opts).head_object(Bucket=bucket, Key=key)
-    except _botocore_errors() as exc:
-        raise _s3_error(uri, "stat", exc) from None
+    head = _retrying(
+        uri, "stat", opts, functools.partial(client(opts).head_object, Bucket=bucket, Key=key)
+    )
     return FileInfo(uri, int(head["ContentLength"]), f"etag:{head['ETag'].strip(chr(34))}")
 
 
@@ -224,11 +378,13 @@ def _local_info(path: str, st: os.stat_result) -> FileInfo:
 
 
 def exists(uri: str, opts: StorageOptions = LOCAL) -> bool:
+    """Whether ``uri`` is a file; an S3 error other than a 404 is raised, never taken
+    for an absent object (a commit or decisions file misread as missing loses rows)."""
     if not is_s3(uri):
         return os.path.exists(uri)
     try:
         stat(uri, opts)
-    except StorageError:
+    except MissingObjectError:
         return False
     return True
 
@@ -256,14 +412,18 @@ def _folder(key: str) -> str:
 
 
 def _list_s3(bucket: str, prefix: str, opts: StorageOptions) -> Iterator[FileInfo]:
-    try:
-        pages = client(opts).get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-        for page in pages:
-            for obj in page.get("Contents", []):
-                etag = str(obj["ETag"]).strip('"')
-                yield FileInfo(f"s3://{bucket}/{obj['Key']}", int(obj["Size"]), f"etag:{etag}")
-    except _botocore_errors() as exc:
-        raise _s3_error(f"s3://{bucket}/{prefix}", "list", exc) from None
+    """Page by page, each page retried on its own (a retry never repeats a file)."""
+    s3 = client(opts)
+    query = {"Bucket": bucket, "Prefix": prefix}
+    while True:
+        call = functools.partial(s3.list_objects_v2, **query)
+        page = _retrying(f"s3://{bucket}/{prefix}", "list", opts, call)
+        for obj in page.get("Contents", []):
+            etag = str(obj["ETag"]).strip('"')
+            yield FileInfo(f"s3://{bucket}/{obj['Key']}", int(obj["Size"]), f"etag:{etag}")
+        if not page.get("IsTruncated"):
+            return
+        query["ContinuationToken"] = page["NextContinuationToken"]
 
 
 # --- globs and brace ranges ----------------------------------------------------------
@@ -353,13 +513,10 @@ def write_bytes(uri: str, data: bytes, opts: StorageOptions = LOCAL) -> None:
         _write_local(uri, data)
         return
     bucket, key = split_s3(uri)
-    s3 = client(opts)
-    try:
-        if len(data) < opts.multipart_threshold:
-            s3.put_object(Bucket=bucket, Key=key, Body=data)
-            return
-    except _botocore_errors() as exc:
-        raise _s3_error(uri, "write", exc) from None
+    if len(data) < opts.multipart_threshold:
+        put = functools.partial(client(opts).put_object, Bucket=bucket, Key=key, Body=data)
+        _retrying(uri, "write", opts, put)
+        return
     multipart_upload(
         uri, (data[i : i + opts.part_size] for i in range(0, len(data), opts.part_size)), opts
     )
@@ -370,31 +527,67 @@ def multipart_upload(uri: str, parts: Iterator[bytes], opts: StorageOptions = LO
 
     Any failure, in S3 or in the code producing the parts, aborts the upload;
     a writer that is killed leaves an incomplete upload, invisible to readers.
+    A start whose answer was lost leaves an upload nobody completes: invisible too,
+    and cleared with the killed writers' by ``abort_stale``.
     """
     bucket, key = split_s3(uri)
     s3 = client(opts)
-    try:
-        upload = s3.create_multipart_upload(Bucket=bucket, Key=key)["UploadId"]
-    except _botocore_errors() as exc:
-        raise _s3_error(uri, "start an upload to", exc) from None
+    start = functools.partial(s3.create_multipart_upload, Bucket=bucket, Key=key)
+    upload = _retrying(uri, "start an upload to", opts, start)["UploadId"]
     try:
         done = []
         for number, part in enumerate(parts, start=1):
-            etag = s3.upload_part(
-                Bucket=bucket, Key=key, UploadId=upload, PartNumber=number, Body=part
-            )["ETag"]
-            done.append({"ETag": etag, "PartNumber": number})
-        s3.complete_multipart_upload(
-            Bucket=bucket, Key=key, UploadId=upload, MultipartUpload={"Parts": done}
+            send = functools.partial(
+                s3.upload_part,
+                Bucket=bucket,
+                Key=key,
+                UploadId=upload,
+                PartNumber=number,
+                Body=part,
+            )
+            done.append({"ETag": _retrying(uri, "write", opts, send)["ETag"], "PartNumber": number})
+        finish = functools.partial(
+            s3.complete_multipart_upload,
+            Bucket=bucket,
+            Key=key,
+            UploadId=upload,
+            MultipartUpload={"Parts": done},
         )
-    except BaseException as exc:
         try:
-            s3.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload)
-        except _botocore_errors():
-            pass  # the upload stays incomplete, so still invisible
-        if isinstance(exc, _botocore_errors()):
-            raise _s3_error(uri, "write", exc) from None
+            _retrying(uri, "write", opts, finish)
+        except StorageError as exc:
+            # A completion that succeeded but whose answer was lost: its retry finds
+            # no upload, and the object carries the ETag of exactly these parts.
+            if exc.code != "NoSuchUpload" or not _completed(uri, done, opts):
+                raise
+    except BaseException:
+        _abort(uri, upload, opts)  # the upload stays incomplete, so invisible, if it fails
         raise
+
+
+def _completed(uri: str, parts: list[dict[str, Any]], opts: StorageOptions) -> bool:
+    """Whether ``uri`` is the multipart object made of ``parts`` (S3's multipart ETag:
+    the MD5 of the parts' MD5s, then the part count)."""
+    digests = b"".join(bytes.fromhex(str(p["ETag"]).strip('"')) for p in parts)
+    expected = f"etag:{hashlib.md5(digests, usedforsecurity=False).hexdigest()}-{len(parts)}"
+    try:
+        return stat(uri, opts).version == expected
+    except StorageError:
+        return False
+
+
+def _abort(uri: str, upload: str, opts: StorageOptions) -> bool:
+    """Abort a multipart upload (retried; one already gone counts as aborted); False
+    when S3 keeps refusing: the upload then stays pending, still invisible."""
+    bucket, key = split_s3(uri)
+    call = functools.partial(
+        client(opts).abort_multipart_upload, Bucket=bucket, Key=key, UploadId=upload
+    )
+    try:
+        _retrying(uri, "abort the upload to", opts, call)
+    except StorageError as exc:
+        return exc.code == "NoSuchUpload"
+    return True
 
 
 def _write_local(path: str, data: bytes) -> None:
@@ -416,10 +609,13 @@ def copy(src: str, dst: str, opts: StorageOptions = LOCAL) -> None:
     if is_s3(src) and is_s3(dst):
         sb, sk = split_s3(src)
         db, dk = split_s3(dst)
-        try:
-            client(opts).copy({"Bucket": sb, "Key": sk}, db, dk)
-        except _botocore_errors() as exc:
-            raise _s3_error(dst, "copy to", exc) from None
+        source = {"Bucket": sb, "Key": sk}
+        s3 = client(opts)
+        if stat(src, opts).size <= 5 * 2**30:  # one CopyObject: atomic and idempotent
+            call = functools.partial(s3.copy_object, CopySource=source, Bucket=db, Key=dk)
+        else:  # boto3's managed multipart copy, which aborts what it does not complete
+            call = functools.partial(s3.copy, source, db, dk)
+        _retrying(dst, "copy to", opts, call)
         return
     write_bytes(dst, read_bytes(src, opts), opts)
 
@@ -443,13 +639,20 @@ def remove_tree(root: str, opts: StorageOptions = LOCAL, keep: tuple[str, ...] =
     kept = tuple(prefix + k + "/" for k in keep)
     doomed = [split_s3(f.uri)[1] for f in _list_s3(bucket, prefix, opts)]
     doomed = [k for k in doomed if not (kept and k.startswith(kept))]
-    s3 = client(opts)
-    try:
-        for i in range(0, len(doomed), 1000):
-            batch = [{"Key": k} for k in doomed[i : i + 1000]]
-            s3.delete_objects(Bucket=bucket, Delete={"Objects": batch, "Quiet": True})
-    except _botocore_errors() as exc:
-        raise _s3_error(root, "delete under", exc) from None
+    for i in range(0, len(doomed), 1000):
+        batch = doomed[i : i + 1000]
+        _retrying(root, "delete under", opts, functools.partial(_delete, opts, bucket, batch))
+
+
+def _delete(opts: StorageOptions, bucket: str, keys: list[str]) -> None:
+    """Delete ``keys``; the keys S3 reports it could not delete stay in ``keys`` (for the
+    retry) and raise their error code (DeleteObjects answers 200 with per-key errors)."""
+    objects = [{"Key": k} for k in keys]
+    answer = client(opts).delete_objects(Bucket=bucket, Delete={"Objects": objects, "Quiet": True})
+    errors = answer.get("Errors") or []
+    keys[:] = [e["Key"] for e in errors]
+    if errors:
+        raise _TransientError(str(errors[0].get("Code", "DeleteError")))
 
 
 def abort_stale(root: str, opts: StorageOptions = LOCAL) -> int:
@@ -464,17 +667,15 @@ def abort_stale(root: str, opts: StorageOptions = LOCAL) -> int:
         return len(stale)
     bucket, key = split_s3(root)
     s3 = client(opts)
+    query = {"Bucket": bucket, "Prefix": _folder(key)}
     cleared = 0
-    try:
-        pages = s3.get_paginator("list_multipart_uploads").paginate(
-            Bucket=bucket, Prefix=_folder(key)
-        )
-        for page in pages:
-            for upload in page.get("Uploads", []):
-                s3.abort_multipart_upload(
-                    Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"]
-                )
-                cleared += 1
-    except _botocore_errors() as exc:
-        raise _s3_error(root, "clear incomplete uploads under", exc) from None
-    return cleared
+    while True:
+        call = functools.partial(s3.list_multipart_uploads, **query)
+        page = _retrying(root, "list incomplete uploads under", opts, call)
+        for upload in page.get("Uploads", []):
+            if not _abort(f"s3://{bucket}/{upload['Key']}", upload["UploadId"], opts):
+                raise StorageError(f"{root}: cannot clear incomplete uploads under it")
+            cleared += 1
+        if not page.get("IsTruncated"):
+            return cleared
+        query.update(KeyMarker=page["NextKeyMarker"], UploadIdMarker=page["NextUploadIdMarker"])
