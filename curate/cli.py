@@ -97,7 +97,7 @@ def run(
     from curate.io.storage import StorageError
     from curate.lineage.accounting import AccountingError
     from curate.lineage.commits import ResumeError
-    from curate.lineage.quarantine import TooManyErrors
+    from curate.lineage.quarantine import QuarantineLimitError
     from curate.runner import ResourceError
 
     if resume and overwrite:
@@ -118,7 +118,7 @@ def run(
         # Ray re-raises a worker's error wrapped (RayTaskError, Ray Data's
         # UserCodeException): show ours as it is, anything else with its traceback.
         cause = _original(
-            exc, (InputError, AccountingError, SinkError, StorageError, TooManyErrors)
+            exc, (InputError, AccountingError, SinkError, StorageError, QuarantineLimitError)
         )
         if cause is None:
             raise

@@ -20,7 +20,7 @@ import json
 import os
 import time
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -358,20 +358,22 @@ def run_stage(
         except AccountingError:
             raise  # a broken contract of the stage, not a poisoned row
         except Exception as exc:
-            if quarantine is None:
-                quarantine = Quarantine(
-                    name,
-                    on_error.reason,
-                    unit,
-                    rows_in,
-                    on_error.max_errors,
-                    functools.partial(_run_one, name, stage),
-                    stage.counters,
-                )
-            quarantine.recover(part, exc, mark, kept_parts, reject_parts)
+            error = exc  # searched outside the handler: no chained contexts
+        else:
+            kept_parts.append(kept)
+            reject_parts.append(rejects)
             continue
-        kept_parts.append(kept)
-        reject_parts.append(rejects)
+        if quarantine is None:
+            quarantine = Quarantine(
+                name,
+                on_error.reason,
+                unit,
+                rows_in,
+                on_error.max_errors,
+                functools.partial(_run_one, name, stage),
+                stage.counters,
+            )
+        quarantine.recover(part, error, mark, kept_parts, reject_parts)
     if quarantine is None:
         kept = pa.concat_tables(kept_parts)
         rejects = pa.concat_tables(reject_parts)
@@ -566,9 +568,7 @@ class StageRef:
         cls, bound: BoundStage, base_dir: str = ".", max_errors: int | str = DEFAULT_MAX_ERRORS
     ) -> StageRef:
         params = bound.config.model_dump(mode="json", by_alias=True)
-        return cls(
-            bound.name, bound.type, params, bound.resources.batch_size, base_dir, max_errors
-        )
+        return cls(bound.name, bound.type, params, bound.resources.batch_size, base_dir, max_errors)
 
     def on_error(self) -> OnError:
         """What the stage's exception on a row makes of the row (a ``<type>:error``
@@ -631,6 +631,29 @@ class StageGroup:
         if self.targets:
             return write_targets(live, unit, self.targets, self.layout, reports, self.segment)
         return with_reports(with_trailer(live, unit), reports)
+
+
+def unit_rows(batches: Iterable[pa.Table], units: Sequence[int]) -> Iterator[list[dict[str, Any]]]:
+    """Each of ``units``' reports exactly once, from the rows (one per finished unit)
+    that a segment's dataset yields.
+
+    Ray runs a unit again when the node of its actor or task dies (the rerun rewrites
+    the same files with the same bytes), and hands a task's output over once, so no unit
+    should come twice; should one still, its first row counts (another attempt's differs
+    in timings only), so that nothing is counted twice.  A unit that never comes is an
+    error, not a silently short run."""
+    wanted, seen = set(units), set()
+    for batch in batches:
+        for row in batch.select(["unit", "reports"]).to_pylist():
+            unit = row["unit"]
+            if unit not in wanted:
+                raise AccountingError(f"a finished unit {unit} that this pass did not run")
+            if unit not in seen:
+                seen.add(unit)
+                yield json.loads(row["reports"])
+    if seen != wanted:
+        missing = sorted(wanted - seen)
+        raise AccountingError(f"{len(missing)} unit(s) never finished, e.g. {missing[:5]}")
 
 
 def _write_only(block: pa.Table, targets: list[Target], layout: Layout, segment: int) -> pa.Table:
@@ -755,8 +778,15 @@ class Runner:
         except BaseException:
             self.progress.finish(ok=False)
             raise
+        self._clear_stale()
         self.reports = self._all_reports()
         self.progress.finish()
+
+    def _clear_stale(self) -> None:
+        """Clear what attempts killed with their node left in the output: hidden
+        temporary files on disk, pending multipart uploads on S3.  Ray ran those units
+        again and every unit is committed now, so no writer of this run is left."""
+        storage.abort_stale(self.layout.root, self.layout.opts)
 
     def _run_needed(self, segment: Segment) -> None:
         for node in segment.inputs:
@@ -907,7 +937,8 @@ class Runner:
                 groups.append((bound, res))
         cpus = cluster_resources().get("CPU", 1.0)
         first = groups[0][1] if groups else None
-        read = 0.0 if first is not None and first.num_cpus == 1 and not first.num_gpus else 1.0
+        fused_read = first is not None and first.num_cpus == 1 and not first.num_gpus
+        read = 0.0 if fused_read and first is not None and not first.custom else 1.0
         pinned = {tuple(r.custom.items()) for _, r in groups}
         if (
             len(groups) > 1
@@ -957,12 +988,10 @@ class Runner:
                 batch_format="pyarrow",
                 zero_copy_batch=True,
             )
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            finished: pa.Table = batch  # one row per finished unit
-            for reports in finished.column("reports").to_pylist():
-                unit_reports = json.loads(reports)
-                self.reports.extend(unit_reports)
-                self.progress.add(unit_reports)
+        finished = ds.iter_batches(batch_size=None, batch_format="pyarrow")
+        for unit_reports in unit_rows(finished, [r.unit.index for r in reads]):
+            self.reports.extend(unit_reports)
+            self.progress.add(unit_reports)
         self._mark_done(segment)
         self.progress.end_pass()
 
@@ -1202,7 +1231,16 @@ def _pinned_cpus(res: Resources) -> float:
 
 
 def _ray_args(res: Resources, n_units: int, n_groups: int) -> dict[str, Any]:
-    """Ray resources and pool size of a group's actors."""
+    """Ray resources and pool size of a group's actors.
+
+    Fault tolerance is Ray Data's default for actor pools (2.60): ``max_restarts=-1``
+    and ``max_task_retries=-1``, so a pool actor whose node dies is restarted (on
+    another node if need be) and its unfinished units run again; a unit rewrites the
+    same files with the same bytes and the driver takes one row of reports per unit
+    (:func:`unit_rows`).  They are not passed here: any extra remote argument keeps Ray
+    Data from fusing the reads into the first pool's actors (see ``_groups``).  A
+    stage's own exception is not retried (``actor_task_retry_on_errors`` stays off).
+    """
     args: dict[str, Any] = {"num_cpus": res.num_cpus}
     total_gpus = cluster_gpus()
     gpus = res.gpus(total_gpus)

@@ -7,6 +7,8 @@ every error in the file — top level and every stage — is reported at once.
 
 from __future__ import annotations
 
+import math
+import re
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
@@ -132,6 +134,13 @@ class S3Spec(_Strict):
     region: str | None = None
     multipart_threshold: ByteSize = Field(ByteSize(64 * 2**20), ge=5 * 2**20)
     part_size: ByteSize = Field(ByteSize(16 * 2**20), ge=5 * 2**20)
+    #: Attempts per S3 request, the first included, while S3 throttles (503 SlowDown),
+    #: fails with a 5xx, drops the connection or cuts a body short; then the run fails.
+    max_attempts: int = Field(8, ge=1, le=100)
+    #: Back-off before the first retry (seconds), doubled for each further one up to
+    #: max_backoff_s; each wait is drawn between half and all of it.
+    backoff_s: float = Field(0.1, ge=0, le=60)
+    max_backoff_s: float = Field(10.0, ge=0, le=600)
 
     @field_validator("endpoint_url", mode="before")
     @classmethod
@@ -165,7 +174,14 @@ class StorageSpec(_Strict):
             region=self.s3.region,
             multipart_threshold=int(self.s3.multipart_threshold),
             part_size=int(self.s3.part_size),
+            max_attempts=self.s3.max_attempts,
+            backoff_s=self.s3.backoff_s,
+            max_backoff_s=self.s3.max_backoff_s,
         )
+
+
+#: ``execution.max_errors`` unless the pipeline says otherwise.
+DEFAULT_MAX_ERRORS = "10%"
 
 
 class ExecutionSpec(_Strict):
@@ -177,6 +193,36 @@ class ExecutionSpec(_Strict):
     shard_bytes: ByteSize = ByteSize(256 * 2**20)
     #: Where cached stage outputs live (``cache: true`` stages); default ``<output>/_cache``.
     cache_dir: str | None = None
+    #: Rows of a unit a map stage may quarantine for raising on them (``<type>:error``),
+    #: per stage: a count, or a percentage of the unit's rows (at least 1 row unless 0%).
+    #: One more fails the run: a stage that raises on that many rows is broken.
+    max_errors: int | str = DEFAULT_MAX_ERRORS
+
+    @field_validator("max_errors", mode="before")
+    @classmethod
+    def _max_errors(cls, value: Any) -> int | str:
+        return check_max_errors(value)
+
+
+_PERCENT = re.compile(r"(\d+(?:\.\d+)?)\s*%")
+
+
+def check_max_errors(value: Any) -> int | str:
+    """``execution.max_errors`` as the spec keeps it: a row count, or ``'<p>%'``."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    found = _PERCENT.fullmatch(value.strip()) if isinstance(value, str) else None
+    if found is not None and float(found.group(1)) <= 100:
+        return f"{found.group(1)}%"
+    raise ValueError("a row count (0 or more) or a percentage of a unit's rows, like 10%")
+
+
+def error_limit(max_errors: int | str, rows: int) -> int:
+    """How many of a unit's ``rows`` a stage may quarantine for raising on them."""
+    if isinstance(max_errors, int):
+        return max_errors
+    percent = float(max_errors.rstrip("%"))
+    return max(1, math.floor(rows * percent / 100)) if percent else 0
 
 
 class PipelineSpec(_Strict):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -73,11 +74,16 @@ def stage_report(
     rejects_file: dict[str, Any] | None,
     details: bool = False,
     rows_out: int | None = None,
+    full: Collection[str] = (),
 ) -> dict[str, Any]:
     """Check and describe what ``stage`` did to ``unit``; reasons are counted by
-    category, or in full when ``details`` (the stage's rule names are a fixed set)."""
+    category, or in full when ``details`` (the stage's rule names are a fixed set);
+    the reasons in ``full`` (``<type>:error``) are always counted in full."""
     raw = rejects.column("reason").to_pylist()
-    reasons = Counter(raw if details else (reason_category(r) for r in raw))
+    if details:
+        reasons = Counter(raw)
+    else:
+        reasons = Counter(r if r in full else reason_category(r) for r in raw)
     report = StageReport(
         stage,
         unit,

@@ -53,6 +53,7 @@ import xxhash
 from curate.io import storage
 from curate.io.files import atomic_write_bytes
 from curate.io.storage import LOCAL, StorageOptions
+from curate.lineage.quarantine import error_reason
 
 if TYPE_CHECKING:
     from rich.tree import Tree
@@ -668,6 +669,8 @@ def _drop(run: RunView, hit: Hit, follow: bool = True) -> dict[str, Any]:
     }
     if quarantined:
         answer["quarantined"] = True
+    if not quarantined and row["reason"] == error_reason(answer["type"]):
+        answer["traceback"] = row["value"]  # the stage raised on it: its whole traceback
     kept = kept_instead(row["reason"])
     if kept is not None and follow:
         answer["kept"] = brief(run, kept)
@@ -848,7 +851,9 @@ def _add_drop(tree: Tree, d: Mapping[str, Any]) -> None:
     node = tree.add(
         f"[red]{label}[/] {escape(d['stage'])} ({escape(d['type'])}): {escape(str(d['reason']))}"
     )
-    if d.get("value") is not None:
+    if d.get("traceback"):
+        node.add(escape(str(d["traceback"]).rstrip("\n")))
+    elif d.get("value") is not None:
         node.add(f"value: {escape(str(d['value']))}")
     node.add(f"rejects: {escape(d['path'])} row {d['row']}")
     if not d.get("quarantined"):
