@@ -112,7 +112,7 @@ def run_identity(plan: Plan) -> dict[str, Any]:
     inputs = [
         [name, s.uri, s.size, s.version] for name, shards in plan.shards.items() for s in shards
     ]
-    return commits.run_identity(plan.pipeline.spec_hash(), inputs)
+    return commits.run_identity(plan.pipeline.output_hash(), inputs)
 
 
 def init_ray(address: str | None, num_cpus: int | None) -> None:

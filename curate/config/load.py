@@ -47,6 +47,28 @@ class Pipeline:
         text = json.dumps(self.normalized(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()
 
+    def output_hash(self) -> str:
+        """The hash of the spec less what no data byte depends on: how storage is
+        reached (endpoint, retries), where it writes, where the cache lives, the error
+        limit (a run within it writes the same bytes), the description and each stage's
+        resources (the manifest records the spec a run finishes with). ``--resume``
+        compares it, so a run stopped by a flaky endpoint or its error limit, or begun
+        on a cluster of another shape, can be finished after changing those."""
+        data = self.normalized()
+        for key in NOT_IN_OUTPUT_HASH:
+            data.pop(key, None)
+        for key in EXECUTION_NOT_IN_OUTPUT_HASH:
+            data["execution"].pop(key, None)
+        for stage in data["stages"].values():
+            stage.pop("resources", None)
+        text = json.dumps(data, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()
+
+
+#: Top-level spec keys and ``execution`` keys that no output byte depends on.
+NOT_IN_OUTPUT_HASH = ("storage", "output", "description")
+EXECUTION_NOT_IN_OUTPUT_HASH = ("cache_dir", "max_errors")
+
 
 _SHORT = reprlib.Repr()  # keyword arguments arrive in Python 3.12
 _SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxstring = 3, 4, 4, 50
