@@ -29,8 +29,7 @@ def test_a_stage_fits_a_node_that_holds_all_it_asks_at_once() -> None:
     problems = unplaceable(stages, [cpu, gpu])
     assert len(problems) == 3
     assert problems[0] == (
-        "stage 'big' asks for {CPU: 4, gpu_node: 1} per actor; "
-        "no node has that much of it at once"
+        "stage 'big' asks for {CPU: 4, gpu_node: 1} per actor; no node has that much of it at once"
     )
     assert problems[1] == (
         "stage 'nowhere' asks for {CPU: 1, tpu_node: 1} per actor; "
