@@ -908,9 +908,18 @@ class Runner:
             out.append(Target(kind, name, sink, size, columns))
         return out
 
-    def _dataset(self, reads: list[UnitRead]) -> ray.data.Dataset:
+    def _dataset(self, reads: list[UnitRead], first: Resources | None = None) -> ray.data.Dataset:
+        """The units as a dataset, one block each.  The read tasks ask for what the
+        first pool's actors ask (``first``, a CPU pool), so that Ray Data fuses the
+        reads into those actors: a separate read task would need a CPU of its own,
+        which the pools may hold (after a node dies, Ray Data does not shrink them and
+        a retried read would wait forever).  A GPU pool's request (a remote-args
+        function) never fuses; its reads stay 1-CPU tasks."""
+        args = _read_args(first) if first is not None and not first.num_gpus else {}
         ds: ray.data.Dataset = ray.data.read_datasource(
-            UnitDatasource(reads, self.layout), override_num_blocks=max(len(reads), 1)
+            UnitDatasource(reads, self.layout),
+            override_num_blocks=max(len(reads), 1),
+            ray_remote_args=args,
         )
         return ds
 
@@ -919,11 +928,11 @@ class Runner:
 
         ``num_gpus: auto`` is resolved first, so that on a cluster without GPUs an
         ``auto`` stage fuses with its CPU neighbours.  Ray Data starts one actor of
-        every pool up front, and runs the reads inside the first pool's actors only
-        when that pool asks for exactly a read task's 1 CPU; if the first actors and
-        a separate 1-CPU read would not fit the cluster (2 CPUs, pools of 0.5 and 1
-        CPU), every group is fused into one pool of actors of at least 1 CPU (the
-        largest request of each kind), rather than waiting forever for a CPU.
+        every pool up front, and runs the reads inside the first pool's actors when
+        that pool uses no GPU (:meth:`_dataset`); if the first actors and a separate
+        1-CPU read would not fit the cluster (2 CPUs, a GPU pool and a CPU pool), every
+        group is fused into one pool of actors of at least 1 CPU (the largest request
+        of each kind), rather than waiting forever for a CPU.
         """
         total_gpus = cluster_gpus()
         groups: list[tuple[list[BoundStage], Resources]] = []
@@ -937,8 +946,7 @@ class Runner:
                 groups.append((bound, res))
         cpus = cluster_resources().get("CPU", 1.0)
         first = groups[0][1] if groups else None
-        fused_read = first is not None and first.num_cpus == 1 and not first.num_gpus
-        read = 0.0 if fused_read and first is not None and not first.custom else 1.0
+        read = 0.0 if first is not None and not first.num_gpus else 1.0
         pinned = {tuple(r.custom.items()) for _, r in groups}
         if (
             len(groups) > 1
@@ -968,7 +976,7 @@ class Runner:
             self.progress.end_pass()
             return
         groups = self._groups(segment)
-        ds = self._dataset(reads)
+        ds = self._dataset(reads, groups[0][1] if groups else None)
         targets = self._targets(segment)
         for i, (bound, resources) in enumerate(groups):
             last = i == len(groups) - 1
@@ -1228,6 +1236,17 @@ def _pinned_cpus(res: Resources) -> float:
     if isinstance(res.concurrency, tuple):
         return float(res.num_cpus * res.concurrency[0])
     return float(res.num_cpus)
+
+
+def _read_args(res: Resources) -> dict[str, Any]:
+    """Remote arguments of read tasks that Ray Data fuses into a pool with ``res``
+    (equal to what :func:`_ray_args` gives the pool, less its pool size)."""
+    args: dict[str, Any] = {"num_cpus": res.num_cpus}
+    if res.memory:
+        args["memory"] = int(res.memory)
+    if res.custom:
+        args["resources"] = dict(res.custom)
+    return args
 
 
 def _ray_args(res: Resources, n_units: int, n_groups: int) -> dict[str, Any]:

@@ -3,31 +3,25 @@ this machine (a head and two worker nodes, each its own ``ray start`` raylet, to
 authentication on), with the loopback S3 server of ``test_s3`` as the shared storage.
 
 Each node is a ``ray start --block`` process in its own process group with its own temp
-dir and ports; teardown signals exactly those groups.  ``ray stop`` is never called: it
-stops every Ray process of the machine, other sessions' included.
+dir and ports (:mod:`ray_cluster`); teardown signals exactly those groups.  ``ray stop``
+is never called: it stops every Ray process of the machine, other sessions' included.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import secrets
-import shutil
-import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
-import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import RUN_FILES, comparable
+from ray_cluster import Cluster, free_port, ray_cluster, state_api
 from test_s3 import BUCKET, SECRET, s3_endpoint
 
 from curate.io import storage
@@ -37,122 +31,15 @@ __all__ = ["s3_endpoint"]  # the module fixture of test_s3, reused here
 
 pytestmark = [pytest.mark.cluster, pytest.mark.s3]
 
-BIN = Path(sys.executable).parent
-START_TIMEOUT_S = 90
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@dataclass
-class Cluster:
-    """A running test cluster: its Jobs API address, token and the client environment."""
-
-    address: str
-    token: str
-    env: dict[str, str]
-    root: Path
-
-
-def _alive_nodes(address: str, token: str) -> int:
-    """Live nodes per the dashboard's state API (0 while the dashboard is not up)."""
-    request = urllib.request.Request(
-        f"{address}/api/v0/nodes?limit=100", headers={"Authorization": f"Bearer {token}"}
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=5) as response:
-            body = json.load(response)
-    except OSError:
-        return 0
-    nodes = body.get("data", {}).get("result", {}).get("result", [])
-    return sum(1 for n in nodes if n.get("state") == "ALIVE")
-
-
-def _stop_nodes(procs: list[subprocess.Popen[bytes]], root: Path) -> None:
-    """SIGTERM each node's process group, SIGKILL what is left after a short grace (a
-    node drains for up to 30 s on SIGTERM), then any process still naming our temp dir."""
-    for proc in reversed(procs):
-        with_group(proc.pid, signal.SIGTERM)
-    deadline = time.monotonic() + 8
-    for proc in procs:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-    for proc in procs:
-        with_group(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
-    import psutil
-
-    for p in psutil.process_iter(["cmdline"]):
-        if str(root) in " ".join(p.info["cmdline"] or []):
-            p.kill()
-
-
-def with_group(pgid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pgid, sig)
-
 
 @pytest.fixture(scope="module")
 def cluster(s3_endpoint: str) -> Iterator[Cluster]:
     """Head (1 CPU, Jobs API on 127.0.0.1) plus two worker nodes (1 CPU and
     ``worker_node: 1`` each), token auth on; the S3 test credentials are in the
     nodes' environment (the jobs' drivers and workers inherit it)."""
-    root = Path(tempfile.mkdtemp(prefix="curate-cl-", dir="/tmp"))  # short: socket paths
-    token = secrets.token_hex(32)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, PATH=f"{BIN}:{env['PATH']}")
-    gcs, dashboard = _free_port(), _free_port()
-    address = f"http://127.0.0.1:{dashboard}"
-    procs: list[subprocess.Popen[bytes]] = []
-
-    def launch(name: str, *args: str) -> None:
-        (root / name).mkdir()
-        argv = [str(BIN / "ray"), "start", "--block", "--disable-usage-stats"]
-        argv += ["--node-ip-address", "127.0.0.1", "--num-cpus", "1"]
-        argv += ["--temp-dir", str(root / name), "--object-store-memory", str(128 << 20)]
-        argv += ["--dashboard-agent-listen-port", str(_free_port()), *args]
-        log = open(root / f"{name}.log", "wb")  # noqa: SIM115 - the node's lifetime
-        procs.append(
-            subprocess.Popen(argv, env=env, stdout=log, stderr=log, start_new_session=True)
-        )
-
-    def wait_for(nodes: int) -> None:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while _alive_nodes(address, token) < nodes:
-            dead = [p for p in procs if p.poll() is not None]
-            if dead or time.monotonic() > deadline:
-                logs = "\n".join(
-                    (root / f).read_text()[-800:] for f in os.listdir(root) if f.endswith(".log")
-                )
-                raise RuntimeError(f"cluster did not reach {nodes} node(s):\n{logs}")
-            time.sleep(0.5)
-
-    try:
-        launch(
-            "head",
-            "--head",
-            "--port",
-            str(gcs),
-            "--dashboard-host",
-            "127.0.0.1",
-            "--dashboard-port",
-            str(dashboard),
-            "--ray-client-server-port",
-            str(_free_port()),
-        )
-        wait_for(1)
-        for i in (1, 2):
-            launch(
-                f"worker{i}", "--address", f"127.0.0.1:{gcs}", "--resources", '{"worker_node": 1}'
-            )
-        wait_for(3)
-        yield Cluster(address, token, env, root)
-    finally:
-        _stop_nodes(procs, root)
-        shutil.rmtree(root, ignore_errors=True)
+    workers = {f"worker{i}": (1.0, {"worker_node": 1.0}) for i in (1, 2)}
+    with ray_cluster(head_cpus=1, workers=workers) as running:
+        yield running
 
 
 @pytest.fixture
@@ -333,7 +220,7 @@ def test_config_errors_and_bad_outputs_submit_nothing(cluster: Cluster, tmp_path
     )
     assert denied.returncode == 1 and "token was rejected" in denied.stderr
     assert "not-the-token" not in denied.stdout + denied.stderr
-    gone = curate(cluster, "status", "x", "--address", f"http://127.0.0.1:{_free_port()}")
+    gone = curate(cluster, "status", "x", "--address", f"http://127.0.0.1:{free_port()}")
     assert gone.returncode == 1 and "cannot reach the Ray Jobs API" in gone.stderr
     unknown = curate(cluster, "status", "no-such-job", "--address", cluster.address)
     assert unknown.returncode == 1 and "no job 'no-such-job'" in unknown.stderr
@@ -395,4 +282,80 @@ def test_status_logs_and_stop_of_a_running_job(
         assert stopped.stdout.strip() == f"{job}: STOPPED"
         assert _status(cluster, job) == "STOPPED"
         again = curate(cluster, "submit", str(spec), "--address", cluster.address, "-o", out)
-        assert again.returncode == 1 and "is not empty" in again.stderr  # a partial run
+        assert again.returncode == 1 and "is not empty; pass --resume" in again.stderr
+    other = curate(
+        cluster,
+        "submit",
+        str(text_spec(tmp_path, opts)),
+        "--address",
+        cluster.address,
+        "-o",
+        out,
+        "--resume",
+    )
+    assert other.returncode == 1 and "different pipeline spec" in other.stderr
+    replaced = curate(
+        cluster,
+        "submit",
+        str(text_spec(tmp_path, opts)),
+        "--address",
+        cluster.address,
+        "-o",
+        out,
+        "--overwrite",
+    )
+    assert replaced.returncode == 0, replaced.stdout + replaced.stderr
+    manifest = json.loads(storage.read_bytes(f"{out}/manifest.json", opts))
+    assert manifest["pipeline"]["name"] == "cluster_text"
+
+
+def text_spec(folder: Path, opts: StorageOptions, resources: str | None = None) -> Path:
+    """TEXT_PIPELINE in ``folder`` (its ``length`` stage with ``resources``, if given)."""
+    text = TEXT_PIPELINE.format(bucket=BUCKET, endpoint=opts.endpoint_url)
+    if resources is not None:
+        old = "  length: {type: length_filter, min_words: 4}"
+        assert old in text
+        text = text.replace(old, old[:-1] + f", resources: {resources}}}")
+    path = folder / "text.yaml"
+    path.write_text(text)
+    return path
+
+
+def _state_api(cl: Cluster, what: str) -> list[dict[str, Any]]:
+    found = state_api(cl.address, cl.token, what)
+    assert found is not None, f"the state API did not answer for {what}"
+    return found
+
+
+def test_placement_pins_a_stage_and_refuses_what_no_node_holds(
+    cluster: Cluster, opts: StorageOptions, tmp_path: Path
+) -> None:
+    if not storage.list_prefix(f"s3://{BUCKET}/cl/in", opts):
+        storage.write_bytes(f"s3://{BUCKET}/cl/in/d.jsonl", b'{"text": "a b c d e"}\n', opts)
+    before = job_ids(cluster)
+    spec = text_spec(tmp_path, opts, "{custom: {gpu_node: 1}}")
+    out = f"s3://{BUCKET}/cl/runs/pinned-nowhere"
+    refused = curate(cluster, "submit", str(spec), "--address", cluster.address, "-o", out)
+    assert refused.returncode == 1
+    assert "stage 'length' asks for {CPU: 1, gpu_node: 1} per actor; no node has the " in (
+        refused.stderr
+    )
+    assert "the cluster's nodes: " in refused.stderr and "worker_node: 1}" in refused.stderr
+    assert "nothing was submitted" in refused.stderr and job_ids(cluster) == before
+
+    spec = text_spec(tmp_path, opts, "{custom: {worker_node: 0.5}}")
+    out = f"s3://{BUCKET}/cl/runs/pinned"
+    done = curate(cluster, "submit", str(spec), "--address", cluster.address, "-o", out)
+    assert done.returncode == 0, done.stdout + done.stderr
+    workers = {
+        n["node_id"]
+        for n in _state_api(cluster, "nodes?limit=10000")
+        if "worker_node" in n["resources_total"]
+    }
+    pinned = [
+        a
+        for a in _state_api(cluster, "actors?limit=10000&detail=true")
+        if "worker_node" in a["required_resources"]
+    ]
+    assert pinned and {a["node_id"] for a in pinned} <= workers
+    assert {a["required_resources"]["worker_node"] for a in pinned} == {0.5}
