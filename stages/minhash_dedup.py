@@ -276,6 +276,10 @@ class MinHashDedup(GlobalStage):
             **stats,
         }
         self.timings = {"sign": round(sign_s, 3), **self.summary.pop("seconds")}
+        if self.config.num_partitions is None:
+            # Chosen from the cluster's CPUs: an execution detail, kept out of the
+            # summary so that the manifest is the same on clusters of any shape.
+            self.timings["auto_partitions"] = self.summary.pop("partitions")
         return ray.data.from_arrow_refs(refs)
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import RUN_FILES, comparable
+from conftest import REPO, RUN_FILES, comparable, user_files
 from ray_cluster import Cluster, free_port, ray_cluster, state_api
 from test_s3 import BUCKET, SECRET, s3_endpoint
 
@@ -177,6 +177,35 @@ def test_submit_runs_on_three_nodes_like_a_local_run(
     # Nothing secret in what Ray recorded of the job.
     recorded = json.dumps([j.dict() for j in jobs(cluster).list_jobs()], default=str)
     assert cluster.token not in recorded and SECRET not in recorded
+
+
+def test_submit_runs_the_demo_as_the_readme_says(cluster: Cluster, tmp_path: Path) -> None:
+    """`curate submit pipelines/demo_text.yaml` (its bundled data shipped in the job's
+    working directory, a path every node of this one-machine cluster mounts as the
+    output) gives the bytes a local `curate run` of the demo gives."""
+    demo = REPO / "pipelines" / "demo_text.yaml"
+    local, remote = tmp_path / "local", tmp_path / "cluster"
+    env = {k: v for k, v in cluster.env.items() if not k.startswith("RAY_")}
+    argv = [sys.executable, "-m", "curate.cli", "run", str(demo), "-o", str(local)]
+    local_run = subprocess.Popen(
+        [*argv, "--num-cpus", "2"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    try:
+        done = curate(
+            cluster, "submit", str(demo), "--address", cluster.address, "-o", str(remote),
+            "--shared-path",
+        )  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
+        shown, _ = local_run.communicate(timeout=240)
+    finally:
+        if local_run.poll() is None:
+            local_run.kill()
+            local_run.communicate()
+    assert local_run.returncode == 0, shown
+    manifest = json.loads((remote / "manifest.json").read_text())
+    assert manifest["run"]["cluster"]["nodes"] == 3
+    assert {s["name"]: s["kept"] for s in manifest["stages"]}["fuzzy"] > 0
+    assert user_files(remote) == user_files(local)
 
 
 BROKEN = """\
