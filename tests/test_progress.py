@@ -13,7 +13,8 @@ from conftest import write_jsonl
 from typer.testing import CliRunner
 
 from curate.api import run
-from curate.cli import app, progress_table
+from curate.cli import app
+from curate.cli.run import progress_table
 from curate.progress import PROGRESS_FILE, Progress, read_progress
 
 pytestmark = pytest.mark.usefixtures("ray_local")
