@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import itertools
 import json
+import logging
 import os
 import time
 import warnings
@@ -35,6 +36,7 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from curate.config.model import (
+    DEFAULT_ISOLATE_AFTER,
     DEFAULT_MAX_ERRORS,
     BoundStage,
     ExecutionSpec,
@@ -74,9 +76,10 @@ from curate.lineage.commits import (
     global_summary,
     write_commit,
 )
-from curate.lineage.quarantine import OnError, Quarantine, error_reason
+from curate.lineage.quarantine import NEVER_QUARANTINED, OnError, Quarantine, error_reason
 from curate.progress import Listener, Progress
 from curate.registry import get_stage_class, load_plugins, plugin_locations
+from curate.sandbox import Sandbox, begin_attempt, clear_attempts
 from curate.shuffle import concat, group_starts, hash_shuffle, split
 from curate.stage import (
     DECISION_SCHEMA,
@@ -96,9 +99,19 @@ from curate.stage import (
     set_column,
 )
 
+log = logging.getLogger(__name__)
+
 
 class ResourceError(RuntimeError):
     """A stage asks for more than any node of the cluster has."""
+
+
+class UnitKeepsDyingError(RuntimeError):
+    """A unit's worker died on every attempt, isolated ones included."""
+
+
+#: Attempts at a unit in isolation before the run fails (each one's worker died).
+ISOLATED_ATTEMPTS = 3
 
 
 def cluster_resources() -> dict[str, float]:
@@ -333,13 +346,19 @@ def run_stage(
     layout: Layout,
     block: pa.Table,
     on_error: OnError,
+    sandbox: Sandbox | None = None,
 ) -> tuple[pa.Table, dict[str, Any]]:
     """Run one map stage on a unit's rows; write its rejects; return kept rows and report.
 
     A batch whose call raises is run again by halves, and a row that raises alone is
     quarantined with ``on_error.reason`` (:mod:`curate.lineage.quarantine`); a batch
-    that does not raise costs nothing more than the call.
+    that does not raise costs nothing more than the call.  With a ``sandbox`` the calls
+    and counters are its process's (:mod:`curate.sandbox`), where a part that kills the
+    process is searched like one that raises.
     """
+    call = sandbox if sandbox is not None else functools.partial(_run_one, name, stage)
+    counters = sandbox.counters if sandbox is not None else stage.counters
+    run_counters = sandbox.run_counters if sandbox is not None else stage.run_counters
     start = time.perf_counter()
     rows_in = block.num_rows
     slices = (
@@ -349,14 +368,14 @@ def run_stage(
     )
     kept_parts: list[pa.Table] = []
     reject_parts: list[pa.Table] = []
-    before = (dict(stage.counters()), dict(stage.run_counters()))
+    before = (dict(counters()), dict(run_counters()))
     quarantine: Quarantine | None = None
     for i, part in enumerate(slices):
-        mark = dict(stage.counters()) if i else before[0]
+        mark = dict(counters()) if i else before[0]
         try:
-            kept, rejects = _run_one(name, stage, part)
-        except AccountingError:
-            raise  # a broken contract of the stage, not a poisoned row
+            kept, rejects = call(part)
+        except NEVER_QUARANTINED:
+            raise  # a broken contract of the stage or a broken sandbox, not a poisoned row
         except Exception as exc:
             error = exc  # searched outside the handler: no chained contexts
         else:
@@ -370,8 +389,8 @@ def run_stage(
                 unit,
                 rows_in,
                 on_error.max_errors,
-                functools.partial(_run_one, name, stage),
-                stage.counters,
+                call,
+                counters,
             )
         quarantine.recover(part, error, mark, kept_parts, reject_parts)
     if quarantine is None:
@@ -406,8 +425,8 @@ def run_stage(
     # run counters keep all the work done.
     wasted: dict[str, int] = dict(quarantine.wasted) if quarantine is not None else {}
     for key, now, then, less in (
-        ("counters", stage.counters(), before[0], wasted),
-        ("run_counters", stage.run_counters(), before[1], {}),
+        ("counters", counters(), before[0], wasted),
+        ("run_counters", run_counters(), before[1], {}),
     ):
         grown = {k: v - then.get(k, 0) - less.get(k, 0) for k, v in sorted(now.items())}
         grown = {k: v for k, v in grown.items() if v}
@@ -599,6 +618,7 @@ class StageGroup:
         targets: list[Target],
         segment: int,
         plugins: list[tuple[str, str | None]],
+        isolate_after: int = DEFAULT_ISOLATE_AFTER,
     ) -> None:
         # Plugin classes cannot travel pickled (a fresh worker may not import their
         # module before unpickling), so stages travel as plain data and are rebuilt here.
@@ -606,9 +626,14 @@ class StageGroup:
         self.stages = [
             (ref.name, ref.build(seed, layout), ref.batch_size, ref.on_error()) for ref in stages
         ]
+        self.refs = stages
+        self.seed = seed
+        self.plugins = plugins
         self.layout = layout
         self.targets = targets
         self.segment = segment
+        #: Earlier attempts at a unit that put it in isolation (``execution.isolate_after``).
+        self.isolate_after = isolate_after
         #: A stage's setup error (a bad model or eval file), raised by the first call:
         #: Ray reports a failed actor constructor as a bare ActorDiedError, a failed
         #: call as the original exception, which the CLI can show as it is.
@@ -623,14 +648,48 @@ class StageGroup:
         if self.setup_error is not None:
             raise self.setup_error
         live, unit, reports = split_trailer(block)
-        for name, stage, batch_size, on_error in self.stages:
+        isolated = self._isolated(unit)
+        for (name, stage, batch_size, on_error), ref in zip(self.stages, self.refs, strict=True):
             if live.num_rows == 0:
                 break  # nothing left to do; the writer gives the unit its full schema
-            live, report = run_stage(name, stage, batch_size, unit, self.layout, live, on_error)
+            sandbox = Sandbox(ref, self.seed, self.layout, self.plugins) if isolated else None
+            try:
+                live, report = run_stage(
+                    name, stage, batch_size, unit, self.layout, live, on_error, sandbox
+                )
+            finally:
+                if sandbox is not None:
+                    sandbox.close()
             reports.append(report)
         if self.targets:
             return write_targets(live, unit, self.targets, self.layout, reports, self.segment)
         return with_reports(with_trailer(live, unit), reports)
+
+    def _isolated(self, unit: int) -> bool:
+        """Record this attempt at ``unit``; whether the attempts before it (which never
+        finished: their process or node died) send it to isolation (:mod:`curate.sandbox`)."""
+        group = self.stages[0][0]
+        earlier = begin_attempt(self.layout, self.segment, group, unit)
+        if earlier < self.isolate_after:
+            return False
+        if earlier >= self.isolate_after + ISOLATED_ATTEMPTS:
+            # Even isolated, the unit's worker died each time (its read or writer, Ray's
+            # memory monitor, a node lost again and again): fail, rather than loop forever.
+            raise UnitKeepsDyingError(
+                f"stage group {'+'.join(n for n, *_ in self.stages)}, unit {unit}: started "
+                f"{earlier + 1} times and never finished, {ISOLATED_ATTEMPTS} of them with "
+                "its stages in a sandbox process; its worker dies outside the stages (the "
+                "read, the writer, out of memory): see the nodes' logs, then --resume"
+            )
+        log.log(
+            logging.WARNING if earlier else logging.INFO,
+            "stage group %s, unit %d: %d earlier attempt(s) never finished; running its "
+            "stages in a sandbox process, where rows that kill the process are quarantined",
+            "+".join(name for name, *_ in self.stages),
+            unit,
+            earlier,
+        )
+        return True
 
 
 def unit_rows(batches: Iterable[pa.Table], units: Sequence[int]) -> Iterator[list[dict[str, Any]]]:
@@ -768,6 +827,8 @@ class Runner:
         # A stage's own error (a bad eval file, a broken row the stage cannot take)
         # reaches the driver as itself, not as Ray Data's UserCodeException.
         context.raise_original_map_exception = True
+        # Attempts of an earlier driver (stopped or killed: --resume) are no crashes.
+        clear_attempts(self.layout)
         self._reuse_cached()
         needed = self._needed_segments()
         self.progress.plan(len(needed))
@@ -785,8 +846,10 @@ class Runner:
     def _clear_stale(self) -> None:
         """Clear what attempts killed with their node left in the output: hidden
         temporary files on disk, pending multipart uploads on S3.  Ray ran those units
-        again and every unit is committed now, so no writer of this run is left."""
+        again and every unit is committed now, so no writer of this run is left.  The
+        markers of attempts at units (:func:`curate.sandbox.begin_attempt`) go too."""
         storage.abort_stale(self.layout.root, self.layout.opts)
+        clear_attempts(self.layout)
 
     def _run_needed(self, segment: Segment) -> None:
         for node in segment.inputs:
@@ -1024,6 +1087,7 @@ class Runner:
                 targets if last else [],
                 segment.index,
                 plugin_locations(self.plan.pipeline.spec.plugins),
+                self.execution.isolate_after,
             ),
             batch_size=None,
             batch_format="pyarrow",

@@ -149,23 +149,27 @@ def corpus(root: Path, poisoned: bool = True) -> None:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
-    """The poisoned corpus run twice, and the corpus without the poisoned rows."""
+    """The poisoned corpus run twice, once with every unit isolated (each stage in a
+    sandbox process, ``isolate_after: 0``), and the corpus without the poisoned rows."""
     root = tmp_path_factory.mktemp("poison")
     (root / "poison_plugin.py").write_text(PLUGIN)
-    clean = root / "clean"
-    for where, poisoned in ((root, True), (clean, False)):
+    clean, isolated = root / "clean", root / "isolated"
+    for where, poisoned in ((root, True), (clean, False), (isolated, True)):
         corpus(where, poisoned)
         (where / "p.yaml").write_text(PIPELINE)
+    (isolated / "p.yaml").write_text(PIPELINE.replace("1B}", "1B, isolate_after: 0}"))
     with pytest.MonkeyPatch.context() as patch:
         patch.syspath_prepend(str(root))
         run(str(root / "p.yaml"), str(root / "out1"))
         run(str(root / "p.yaml"), str(root / "out2"))
         run(str(clean / "p.yaml"), str(root / "out_clean"))
+        run(str(isolated / "p.yaml"), str(root / "out_isolated"))
         yield {
             "root": root,
             "out": root / "out1",
             "again": root / "out2",
             "clean": root / "out_clean",
+            "isolated": root / "out_isolated",
         }
 
 
@@ -221,6 +225,22 @@ def test_poisoned_rows_are_quarantined_and_the_rest_is_the_clean_run(
 
     # Two runs: byte-identical outputs, rejects (tracebacks) and manifests.
     assert user_files(out) == user_files(runs["again"])
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_a_unit_in_a_sandbox_gives_the_same_bytes(runs: dict[str, Path]) -> None:
+    """Isolation only costs time: the same rows, rejects, tracebacks (their outermost
+    frame is the worker's) and counters as in the worker, so a unit isolated after a
+    node death changes nothing."""
+    out, isolated = user_files(runs["out"]), user_files(runs["isolated"])
+    assert {k for k in out if out[k] != isolated[k]} == {"manifest.json"}
+    one, two = runs_manifest(runs["out"]), runs_manifest(runs["isolated"])
+    assert one["pipeline"]["spec"]["execution"]["isolate_after"] == 2
+    assert two["pipeline"]["spec"]["execution"]["isolate_after"] == 0
+    for manifest in (one, two):
+        manifest.pop("run"), manifest.pop("pipeline")
+    assert one == two
+    assert not [p for p in runs["isolated"].rglob("*") if "attempt" in p.name]
 
 
 def runs_manifest(root: Path) -> dict[str, Any]:

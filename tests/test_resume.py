@@ -166,7 +166,12 @@ def test_resume_refuses_another_spec_or_changed_inputs(project: Path, tmp_path: 
     assert other.returncode == 1
     assert "different pipeline spec" in other.stderr
     # What no data byte depends on may change between a run and its resume.
-    same = ["execution.max_errors=5", "stages.stats.resources.num_cpus=0.5", "description=x"]
+    same = [
+        "execution.max_errors=5",
+        "execution.isolate_after=0",
+        "stages.stats.resources.num_cpus=0.5",
+        "description=x",
+    ]
     resumed = subprocess.run(
         _cli([*args, "--resume", *(a for kv in same for a in ("--set", kv))]),
         env=env,

@@ -58,7 +58,7 @@ def run(
     from curate.lineage.accounting import AccountingError
     from curate.lineage.commits import ResumeError
     from curate.lineage.quarantine import QuarantineLimitError
-    from curate.runner import ResourceError
+    from curate.runner import ResourceError, UnitKeepsDyingError
 
     if resume and overwrite:
         err.print("[bold red]error:[/] --resume and --overwrite contradict each other")
@@ -78,7 +78,15 @@ def run(
         # Ray re-raises a worker's error wrapped (RayTaskError, Ray Data's
         # UserCodeException): show ours as it is, anything else with its traceback.
         cause = _original(
-            exc, (InputError, AccountingError, SinkError, StorageError, QuarantineLimitError)
+            exc,
+            (
+                InputError,
+                AccountingError,
+                SinkError,
+                StorageError,
+                QuarantineLimitError,
+                UnitKeepsDyingError,
+            ),
         )
         if cause is None:
             raise

@@ -50,7 +50,8 @@ class Pipeline:
     def output_hash(self) -> str:
         """The hash of the spec less what no data byte depends on: how storage is
         reached (endpoint, retries), where it writes, where the cache lives, the error
-        limit (a run within it writes the same bytes), the description and each stage's
+        limit (a run within it writes the same bytes), when a unit is isolated (a sandbox
+        writes the same bytes, only slower), the description and each stage's
         resources (the manifest records the spec a run finishes with). ``--resume``
         compares it, so a run stopped by a flaky endpoint or its error limit, or begun
         on a cluster of another shape, can be finished after changing those."""
@@ -67,7 +68,7 @@ class Pipeline:
 
 #: Top-level spec keys and ``execution`` keys that no output byte depends on.
 NOT_IN_OUTPUT_HASH = ("storage", "output", "description")
-EXECUTION_NOT_IN_OUTPUT_HASH = ("cache_dir", "max_errors")
+EXECUTION_NOT_IN_OUTPUT_HASH = ("cache_dir", "max_errors", "isolate_after")
 
 
 _SHORT = reprlib.Repr()  # keyword arguments arrive in Python 3.12

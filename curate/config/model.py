@@ -182,6 +182,8 @@ class StorageSpec(_Strict):
 
 #: ``execution.max_errors`` unless the pipeline says otherwise.
 DEFAULT_MAX_ERRORS = "10%"
+#: ``execution.isolate_after`` unless the pipeline says otherwise.
+DEFAULT_ISOLATE_AFTER = 2
 
 
 class ExecutionSpec(_Strict):
@@ -197,11 +199,22 @@ class ExecutionSpec(_Strict):
     #: per stage: a count, or a percentage of the unit's rows (at least 1 row unless 0%).
     #: One more fails the run: a stage that raises on that many rows is broken.
     max_errors: int | str = DEFAULT_MAX_ERRORS
+    #: Attempts of a unit by a group of map stages that never finished (their process
+    #: died: a segfault, the OOM killer) before the unit runs in isolation, each stage in
+    #: a sandbox process that bisects out the rows killing it (``curate.sandbox``).
+    isolate_after: int = DEFAULT_ISOLATE_AFTER
 
     @field_validator("max_errors", mode="before")
     @classmethod
     def _max_errors(cls, value: Any) -> int | str:
         return check_max_errors(value)
+
+    @field_validator("isolate_after", mode="before")
+    @classmethod
+    def _isolate_after(cls, value: Any) -> int:
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return value
+        raise ValueError("a count of attempts (0 or more; 0 isolates every unit)")
 
 
 _PERCENT = re.compile(r"(\d+(?:\.\d+)?)\s*%")

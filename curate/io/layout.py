@@ -15,6 +15,9 @@ OUT/_index/ids/part-<p>.parquet           the id index curate explain reads (_in
 OUT/_progress.json                        live per-stage counts (curate.progress)
 OUT/_work/<node>/unit-<unit>.parquet      materialized intermediate outputs
 OUT/_work/<stage>.decisions/unit-<unit>.parquet   a global stage's decisions
+OUT/_work/_attempts/seg-<s>/<stage>/unit-<unit>/attempt-<n>   a group of map stages (named by
+                                          its first stage) began a unit: run state, cleared
+                                          when the run ends (curate.sandbox)
 OUT/_commits/run.json                     what the run is (spec hash, inputs): --resume checks it
 OUT/_commits/seg-<s>/unit-<unit>.json     commit log: a finished unit's reports and checksums
 OUT/_commits/global-<stage>.json          a global stage whose decisions are all written
@@ -59,6 +62,14 @@ class Layout:
 
     def decisions(self, stage: str, unit: int) -> str:
         return self._join("_work", f"{stage}.decisions", f"unit-{unit:06d}.parquet")
+
+    def attempts(self, segment: int, group: str, unit: int) -> str:
+        """One marker per attempt that the group of map stages whose first stage is
+        ``group`` made on ``unit`` (:func:`curate.sandbox.begin_attempt`)."""
+        return storage.join(self.attempts_root(), f"seg-{segment:03d}", group, f"unit-{unit:06d}")
+
+    def attempts_root(self) -> str:
+        return self._join("_work", "_attempts")
 
     def shard(self, sink: str, unit: int, part: int, ext: str = "parquet") -> str:
         return self._join(sink, f"part-{unit:06d}-{part:04d}.{ext}")

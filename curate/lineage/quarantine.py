@@ -18,6 +18,13 @@ A stage that raises on many rows is broken, not fed bad data: more quarantined r
 in one unit than ``execution.max_errors`` allows fail the run (:class:`QuarantineLimitError`,
 which quotes the first traceback); ``max_errors: 0`` fails on the first error, with
 the stage's own exception, as if there were no quarantine.
+
+A stage that kills its process on a row (a segfault) cannot be caught here; a unit
+that did so runs its stages in a sandbox process (:mod:`curate.sandbox`), whose
+failures reach the search as :class:`RemoteError`: a Python exception with the
+traceback the worker would have written, or the death of the process, which the
+search treats alike (a sandbox that cannot run at all, :class:`SandboxError`, fails
+the run).
 """
 
 from __future__ import annotations
@@ -59,6 +66,28 @@ class QuarantineLimitError(RuntimeError):
     """A map stage raised on more rows of a unit than ``execution.max_errors`` allows."""
 
 
+class SandboxError(RuntimeError):
+    """A sandbox (:mod:`curate.sandbox`) that cannot run its stage: its process died in
+    the stage's ``setup()``, the setup failed there, or the stage raised a
+    non-``Exception`` error.  No row's fault: never quarantined."""
+
+
+class RemoteError(Exception):
+    """A stage's failure on a part of a unit in another process (its sandbox), as text:
+    ``trace`` is what :func:`format_error` gives (a quarantined row's ``value``) and
+    ``message`` what :func:`error_message` gives; ``original`` is the stage's own
+    exception where it could travel, raised in this one's place when nothing is
+    quarantined (``max_errors: 0``)."""
+
+    def __init__(
+        self, text: str, trace: str, message: str, original: BaseException | None = None
+    ) -> None:
+        super().__init__(text)
+        self.trace = trace
+        self.message = message
+        self.original = original
+
+
 @dataclass(frozen=True)
 class OnError:
     """What a map stage's exception on a row makes of the row: its reason, and how many
@@ -68,17 +97,30 @@ class OnError:
     max_errors: int | str
 
 
+#: What a call may raise that is no row's fault: the stage's broken contract (wrong row
+#: counts), a sandbox that cannot run the stage.  These fail the run.
+NEVER_QUARANTINED = (AccountingError, SandboxError)
+
+
 def error_reason(stage_type: str) -> str:
     """The reason of a row a stage of type ``stage_type`` raised on."""
     return f"{stage_type}:{ERROR}"
 
 
-def format_error(exc: BaseException, limit: int = TRACEBACK_CHARS) -> str:
+def format_error(
+    exc: BaseException, limit: int = TRACEBACK_CHARS, frame: traceback.FrameSummary | None = None
+) -> str:
     """``exc``'s traceback as Python prints it, the same in every run on any machine:
     file names relative to the ``sys.path`` entry they were imported from (so
     ``curate/runner.py``, ``my_plugin.py``, ``pyarrow/compute.py``), object addresses
-    masked, at most the last ``limit`` characters."""
+    masked, at most the last ``limit`` characters.  ``frame`` replaces the outermost
+    frame (the one that caught ``exc``): in a sandbox, the frame of its caller in the
+    worker, so that the text is the one the worker would have written."""
+    if isinstance(exc, RemoteError):
+        return exc.trace
     error = traceback.TracebackException.from_exception(exc)
+    if frame is not None and error.stack:
+        error.stack[0] = frame
     paths = [p for p in sys.path if isinstance(p, str) and p]  # '' (the cwd) varies
     paths.append(_CURATE_ROOT)  # an editable install need not put it on sys.path
     roots = sorted({os.path.join(os.path.abspath(p), "") for p in paths}, key=len, reverse=True)
@@ -108,6 +150,8 @@ def _relative(error: traceback.TracebackException, roots: list[str], seen: set[i
 
 def error_message(exc: BaseException) -> str:
     """One line: the exception's type and message (cut), as the traceback ends."""
+    if isinstance(exc, RemoteError):
+        return exc.message
     text = "".join(traceback.format_exception_only(type(exc), exc)).strip()
     text = " ".join(_ADDRESS.sub(" at 0x…", text).split())
     return text if len(text) <= MESSAGE_CHARS else text[: MESSAGE_CHARS - 1] + "…"
@@ -154,7 +198,7 @@ class Quarantine:
         call raised ``exc`` after the stage's counters were ``mark``."""
         self._waste(mark)
         if part.num_rows == 0 or self.limit == 0:
-            raise exc
+            raise exc.original if isinstance(exc, RemoteError) and exc.original is not None else exc
         if part.num_rows == 1:
             rejects.append(self._quarantine(part, exc))
             return
@@ -163,7 +207,7 @@ class Quarantine:
             before = dict(self.counters())
             try:
                 out, dropped = self.call(half)
-            except AccountingError:
+            except NEVER_QUARANTINED:
                 raise
             except Exception as raised:
                 error = raised
