@@ -7,7 +7,7 @@ processes), every worker ``--cpus`` CPUs.  The driver is ``curate run PIPELINE -
 
 ``text_demo``
     ``pipelines/demo_text.yaml`` on its bundled data (text_stats, length_filter,
-    exact_dedup, minhash_dedup; 1,400 documents, 2.8 MB): mostly fixed costs.
+    exact_dedup, minhash_dedup; 3,961 records, 2.8 MB): mostly fixed costs.
 ``minhash``
     ``minhash_dedup`` alone (FineWeb's 14 x 8 bands, Jaccard check) on the Debian
     package descriptions (``bench/debian.py``, 64,563 documents), as ``--shards``
