@@ -89,6 +89,23 @@ def auth_token() -> str | None:
         return None
 
 
+def _auth_failed(address: str, problem: str) -> ClusterError:
+    return ClusterError(
+        f"{address}: authentication failed: {problem} (set RAY_AUTH_TOKEN or "
+        "RAY_AUTH_TOKEN_PATH, or put the cluster's token in ~/.ray/auth_token)"
+    )
+
+
+def _unreachable(address: str) -> ClusterError:
+    return ClusterError(f"cannot reach the Ray Jobs API at {address} (is the dashboard up?)")
+
+
+def _auth_headers() -> dict[str, str]:
+    """The token (:func:`auth_token`) as a bearer header; none without one."""
+    token = auth_token()
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
 def _one_line(address: str, exc: Exception) -> ClusterError:
     """Ray's connection and authentication errors, as one line that names no secret."""
     from ray.exceptions import AuthenticationError
@@ -99,12 +116,9 @@ def _one_line(address: str, exc: Exception) -> ClusterError:
             if "invalid" in str(exc).lower()
             else "it needs a token and none was found"
         )
-        return ClusterError(
-            f"{address}: authentication failed: {problem} (set RAY_AUTH_TOKEN or "
-            "RAY_AUTH_TOKEN_PATH, or put the cluster's token in ~/.ray/auth_token)"
-        )
+        return _auth_failed(address, problem)
     if isinstance(exc, ConnectionError):
-        return ClusterError(f"cannot reach the Ray Jobs API at {address} (is the dashboard up?)")
+        return _unreachable(address)
     return ClusterError(
         f"{address}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
     )
@@ -115,10 +129,8 @@ def jobs_client(address: str) -> Any:
     as a bearer header when one is found; errors become :class:`ClusterError`."""
     from ray.job_submission import JobSubmissionClient
 
-    token = auth_token()
-    headers = {"Authorization": f"Bearer {token}"} if token else None
     try:
-        return JobSubmissionClient(address, headers=headers)
+        return JobSubmissionClient(address, headers=_auth_headers() or None)
     except Exception as exc:
         raise _one_line(address, exc) from None
 
@@ -204,27 +216,19 @@ def live_nodes(address: str) -> list[dict[str, Any]]:
     import urllib.error
     import urllib.request
 
-    token = auth_token()
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
     url = f"{address.rstrip('/')}/api/v0/nodes?limit=10000"
-    request = urllib.request.Request(url, headers=headers)
+    request = urllib.request.Request(url, headers=_auth_headers())
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
             body = json.load(response)
     except urllib.error.HTTPError as exc:
         if exc.code in (401, 403):
-            raise ClusterError(
-                f"{address}: authentication failed: the token was rejected (set "
-                "RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH, or put the cluster's token in "
-                "~/.ray/auth_token)"
-            ) from None
+            raise _auth_failed(address, "the token was rejected") from None
         raise ClusterError(
             f"{address}: cannot list the cluster's nodes (HTTP {exc.code})"
         ) from None
     except (OSError, ValueError):
-        raise ClusterError(
-            f"cannot reach the Ray Jobs API at {address} (is the dashboard up?)"
-        ) from None
+        raise _unreachable(address) from None
     nodes: list[dict[str, Any]] = body.get("data", {}).get("result", {}).get("result", [])
     return nodes
 

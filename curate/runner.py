@@ -1303,8 +1303,9 @@ def _pinned_cpus(res: Resources) -> float:
 
 
 def _read_args(res: Resources) -> dict[str, Any]:
-    """Remote arguments of read tasks that Ray Data fuses into a pool with ``res``
-    (equal to what :func:`_ray_args` gives the pool, less its pool size)."""
+    """What an actor of a pool with ``res`` asks for, less GPUs and pool size: the
+    remote arguments of read tasks that Ray Data fuses into that pool, and the start
+    of :func:`_ray_args`."""
     args: dict[str, Any] = {"num_cpus": res.num_cpus}
     if res.memory:
         args["memory"] = int(res.memory)
@@ -1324,17 +1325,13 @@ def _ray_args(res: Resources, n_units: int, n_groups: int) -> dict[str, Any]:
     Data from fusing the reads into the first pool's actors (see ``_groups``).  A
     stage's own exception is not retried (``actor_task_retry_on_errors`` stays off).
     """
-    args: dict[str, Any] = {"num_cpus": res.num_cpus}
+    args = _read_args(res)
     total_gpus = cluster_gpus()
     gpus = res.gpus(total_gpus)
     if gpus:
         # Ray Data refuses ``num_gpus`` without a ``batch_size``; a unit is one batch
         # here, so the GPU request goes through the per-actor remote args instead.
         args["ray_remote_args_fn"] = functools.partial(_gpu_args, gpus)
-    if res.memory:
-        args["memory"] = int(res.memory)
-    if res.custom:
-        args["resources"] = dict(res.custom)
     if isinstance(res.concurrency, int):
         args["compute"] = ray.data.ActorPoolStrategy(size=res.concurrency)
     elif res.concurrency is not None:

@@ -126,8 +126,7 @@ def test_submit_runs_on_three_nodes_like_a_local_run(
         storage.write_bytes(f"s3://{BUCKET}/cl/in/docs-{shard}.jsonl", body, opts)
     folder = tmp_path / "pipes"
     folder.mkdir()
-    spec = folder / "text.yaml"
-    spec.write_text(TEXT_PIPELINE.format(bucket=BUCKET, endpoint=opts.endpoint_url))
+    spec = text_spec(folder, opts)
     remote = f"s3://{BUCKET}/cl/runs/cluster"
 
     # The same pipeline with an embedded Ray, in its own process (this one must not
@@ -312,27 +311,10 @@ def test_status_logs_and_stop_of_a_running_job(
         assert _status(cluster, job) == "STOPPED"
         again = curate(cluster, "submit", str(spec), "--address", cluster.address, "-o", out)
         assert again.returncode == 1 and "is not empty; pass --resume" in again.stderr
-    other = curate(
-        cluster,
-        "submit",
-        str(text_spec(tmp_path, opts)),
-        "--address",
-        cluster.address,
-        "-o",
-        out,
-        "--resume",
-    )
+    text = ["submit", str(text_spec(tmp_path, opts)), "--address", cluster.address, "-o", out]
+    other = curate(cluster, *text, "--resume")
     assert other.returncode == 1 and "different pipeline spec" in other.stderr
-    replaced = curate(
-        cluster,
-        "submit",
-        str(text_spec(tmp_path, opts)),
-        "--address",
-        cluster.address,
-        "-o",
-        out,
-        "--overwrite",
-    )
+    replaced = curate(cluster, *text, "--overwrite")
     assert replaced.returncode == 0, replaced.stdout + replaced.stderr
     manifest = json.loads(storage.read_bytes(f"{out}/manifest.json", opts))
     assert manifest["pipeline"]["name"] == "cluster_text"

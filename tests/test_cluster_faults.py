@@ -162,6 +162,14 @@ def start_run(cl: Cluster, project: Project, out: Path, *extra: str) -> subproce
     )
 
 
+def held_run(cl: Cluster, project: Project, name: str) -> tuple[Path, subprocess.Popen[bytes]]:
+    """A fresh log, every unit held, and a run into ``project.root / name`` started."""
+    out = project.root / name
+    project.hold(True)
+    project.fresh_log()
+    return out, start_run(cl, project, out)
+
+
 def finish(cl: Cluster, run: subprocess.Popen[bytes], out: Path) -> None:
     """Wait for a run; fail with its output and the nodes' logs if it fails."""
     with contextlib.suppress(subprocess.TimeoutExpired):
@@ -318,10 +326,7 @@ def _interrupted(project: Project, pids: set[int]) -> set[int]:
 def test_a_worker_node_killed_mid_run_changes_nothing(
     full: Cluster, project: Project, reference: dict[str, bytes]
 ) -> None:
-    out = project.root / "node-killed"
-    project.hold(True)
-    project.fresh_log()
-    run = start_run(full, project, out)
+    out, run = held_run(full, project, "node-killed")
     try:
         t0 = time.monotonic()
         victim = wait_until(
@@ -368,10 +373,7 @@ def test_a_worker_node_killed_mid_run_changes_nothing(
 def test_a_killed_driver_leaves_nothing_running_and_resume_finishes(
     full: Cluster, project: Project, reference: dict[str, bytes]
 ) -> None:
-    out = project.root / "driver-killed"
-    project.hold(True)
-    project.fresh_log()
-    run = start_run(full, project, out)
+    out, run = held_run(full, project, "driver-killed")
     try:
         t0 = time.monotonic()
         wait_until("4 committed units", lambda: len(committed(out)) >= 4, full, out, run)
